@@ -265,13 +265,14 @@ def _apply_profile(raw: dict[str, Any], source: Path) -> dict[str, Any]:
     if name not in profiles:
         known = ", ".join(sorted(profiles)) or "none defined"
         raise ConfigError(f"{source}: profile {name!r} is not defined under 'profiles' (known: {known})")
+    for profile_name, profile_overlay in profiles.items():
+        for section in profile_overlay or {}:
+            if section not in PROFILE_SECTIONS:
+                raise ConfigError(
+                    f"{source}: profiles.{profile_name}.{section}: a profile may only overlay "
+                    f"{', '.join(PROFILE_SECTIONS)} (data and paths feed stages that must not re-run per profile)"
+                )
     overlay = profiles[name] or {}
-    for section in overlay:
-        if section not in PROFILE_SECTIONS:
-            raise ConfigError(
-                f"{source}: profiles.{name}.{section}: a profile may only overlay "
-                f"{', '.join(PROFILE_SECTIONS)} (data and paths feed stages that must not re-run per profile)"
-            )
     merged = copy.deepcopy(raw)
     _deep_merge(merged, overlay)
     return merged
@@ -330,5 +331,5 @@ def _known_fields(loc: tuple[Any, ...]) -> list[str]:
 
 
 def _suggest(name: str, candidates: Any) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=1)
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
