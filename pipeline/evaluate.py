@@ -1,0 +1,301 @@
+"""The evaluate stage: score the trained model once on the untouched official test split.
+
+Metric functions are plain scikit-learn wrappers so train/tune/tests share one definition. The headline
+metric is balanced accuracy (mean per-class recall): K49 is imbalanced and plain accuracy hides the rare
+characters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn import metrics as skm
+
+from pipeline.config import Settings
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FILE = "model.pt"
+RUN_FILE = "train_run.json"
+EVAL_DIR = "eval"
+FIGURES_DIR = "figures"
+METRICS_FILE = "metrics.json"
+PER_CLASS_FILE = "per_class.csv"
+PREDICTIONS_FILE = "predictions.csv"
+CONFUSION_FIGURE = "confusion_matrix.png"
+RECALL_FIGURE = "per_class_recall.png"
+WORST_FIGURE = "worst_errors.png"
+# Artifact folders of the training run that the evaluation adds to.
+EVAL_ARTIFACT = "eval"
+FIGURES_ARTIFACT = "figures"
+WORST_GRID_COLUMNS = 9
+METRIC_DIGITS = 6  # rounding of the written metrics (DVC diffs stay readable)
+# Tick-label font size in points: shrinks with the class count, kept readable (49 kana -> about 8 pt).
+TICK_FONT_POINTS = (7.0, 12.0)
+TICK_FONT_BUDGET = 400.0  # points shared by all tick labels along one axis
+# Figure layout (inches): grows with the class count so 49 labels stay legible.
+INCHES_PER_CLASS = 0.24
+MARGIN_INCHES = 2.0
+MIN_SIDE_INCHES = 5.0
+COLORBAR_INCHES = 1.2
+RECALL_HEIGHT_INCHES = 4.0
+
+
+class EvaluationError(RuntimeError):
+    """The stage's inputs do not fit together; the message says what to re-run."""
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean recall over the classes present in ``y_true`` (the project's headline metric)."""
+    return float(skm.balanced_accuracy_score(y_true, y_pred))
+
+
+def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    return float(skm.accuracy_score(y_true, y_pred))
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
+    """Unweighted mean F1 over all ``num_classes`` classes (a never-predicted class counts as 0)."""
+    return float(skm.f1_score(y_true, y_pred, labels=np.arange(num_classes), average="macro",
+                              zero_division=0))
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts (num_classes, num_classes): row = true class, column = predicted class."""
+    return skm.confusion_matrix(y_true, y_pred, labels=np.arange(num_classes))
+
+
+def per_class_recall(
+    y_true: np.ndarray, y_pred: np.ndarray, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, support) per class; recall is NaN for a class absent from ``y_true``."""
+    matrix = confusion(y_true, y_pred, num_classes)
+    support = matrix.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(support > 0, np.diag(matrix) / np.maximum(support, 1), np.nan)
+    return recall.astype(np.float64), support
+
+
+def summarize(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, float | int]:
+    """The stage's headline numbers (keys as written to ``reports/eval/metrics.json``)."""
+    return {
+        "test_balanced_accuracy": round(balanced_accuracy(y_true, y_pred), METRIC_DIGITS),
+        "test_accuracy": round(accuracy(y_true, y_pred), METRIC_DIGITS),
+        "test_macro_f1": round(macro_f1(y_true, y_pred, num_classes), METRIC_DIGITS),
+        "n_test": int(len(y_true)),
+    }
+
+
+# ---------------------------------------------------------------------------------------- prediction
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def rotate_images(images: np.ndarray, degrees: float) -> np.ndarray:
+    """uint8 (N, 28, 28) rotated by ``degrees`` about the centre (bilinear; black fill = background)."""
+    if degrees == 0:
+        return images
+    import torch
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    batch = torch.from_numpy(np.ascontiguousarray(images))[:, None]
+    rotated = F.rotate(batch, float(degrees), interpolation=InterpolationMode.BILINEAR, fill=[0.0])
+    return rotated[:, 0].numpy()
+
+
+def predict_proba(model: Any, images: np.ndarray, batch_size: int, device: Any,
+                  rotations_deg: Sequence[float] = (0.0,)) -> np.ndarray:
+    """Class probabilities (N, C), averaged over one view per rotation (test-time augmentation)."""
+    from pipeline.train import predict_logits
+
+    if not rotations_deg:
+        raise EvaluationError("evaluate.tta_rotations_deg is empty: list at least one angle (e.g. [0.0])")
+    total: np.ndarray | None = None
+    for degrees in rotations_deg:
+        probs = softmax(predict_logits(model, rotate_images(images, degrees), batch_size, device))
+        total = probs if total is None else total + probs
+    assert total is not None
+    return total / len(rotations_deg)
+
+
+# ------------------------------------------------------------------------------------------- figures
+
+
+def plot_confusion(matrix: np.ndarray, chars: Sequence[str], path: Path) -> Path:
+    """Row-normalised confusion matrix (recall on the diagonal) with the characters as tick labels."""
+    from pipeline.figures import new_figure, save_figure
+
+    count = len(chars)
+    normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    side = max(MIN_SIDE_INCHES, INCHES_PER_CLASS * count + MARGIN_INCHES)
+    fig, ax = new_figure(side + COLORBAR_INCHES, side)
+    image = ax.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    font = _tick_font(count)
+    ticks = np.arange(count)
+    ax.set_xticks(ticks, labels=list(chars), fontproperties=font)
+    ax.set_yticks(ticks, labels=list(chars), fontproperties=font)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Test confusion matrix (row-normalised)")
+    return save_figure(fig, path)
+
+
+def plot_per_class_recall(recall: np.ndarray, support: np.ndarray, chars: Sequence[str],
+                          balanced: float, path: Path) -> Path:
+    """Recall per class as bars (index order), with the balanced accuracy as a reference line."""
+    from pipeline.figures import new_figure, save_figure
+
+    count = len(chars)
+    fig, ax = new_figure(max(MIN_SIDE_INCHES, INCHES_PER_CLASS * count + MARGIN_INCHES), RECALL_HEIGHT_INCHES)
+    positions = np.arange(count)
+    values = np.nan_to_num(recall, nan=0.0)
+    colors = ["tab:red" if s == 0 else ("tab:orange" if v < balanced else "tab:blue")
+              for v, s in zip(values, support, strict=True)]
+    ax.bar(positions, values, color=colors)
+    ax.axhline(balanced, color="black", linestyle="--", linewidth=1,
+               label=f"balanced accuracy {balanced:.4f}")
+    font = _tick_font(count)
+    ax.set_xticks(positions, labels=list(chars), fontproperties=font)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel("recall")
+    ax.set_title("Test recall per class")
+    ax.legend(loc="lower right")
+    return save_figure(fig, path)
+
+
+def _tick_font(count: int):
+    from pipeline.figures import font_properties
+
+    low, high = TICK_FONT_POINTS
+    return font_properties(max(low, min(high, TICK_FONT_BUDGET / max(count, 1))))
+
+
+def worst_errors(y_true: np.ndarray, probs: np.ndarray, limit: int) -> np.ndarray:
+    """Indices of misclassified images, most confident wrong prediction first (at most ``limit``)."""
+    y_pred = probs.argmax(axis=1)
+    wrong = np.flatnonzero(y_pred != y_true)
+    order = np.argsort(-probs[wrong, y_pred[wrong]], kind="stable")
+    return wrong[order][:limit]
+
+
+def plot_worst_errors(images: np.ndarray, y_true: np.ndarray, probs: np.ndarray, chars: Sequence[str],
+                      limit: int, path: Path) -> Path:
+    """Grid of the most confidently wrong test images, titled ``true→predicted confidence``."""
+    from pipeline.figures import save_image_grid
+
+    picked = worst_errors(y_true, probs, limit)
+    y_pred = probs.argmax(axis=1)
+    titles = [f"{chars[y_true[i]]}→{chars[y_pred[i]]} {probs[i, y_pred[i]]:.2f}" for i in picked]
+    suptitle = (f"Most confident test errors (true→predicted, confidence): {len(picked)} shown"
+                if len(picked) else "No misclassified test images")
+    return save_image_grid(images[picked], titles, path, columns=WORST_GRID_COLUMNS, suptitle=suptitle)
+
+
+# -------------------------------------------------------------------------------------------- stage
+
+
+def run(settings: Settings) -> dict[str, Any]:
+    """Evaluate stage: predict the test split, write metrics/reports/figures, log them to the train run."""
+    from pipeline import data, tracking, train
+
+    models = settings.path("models")
+    model, meta = train.load_bundle(models / BUNDLE_FILE)
+    run_id = read_train_run(models / RUN_FILE)
+    test = data.load_test(settings)
+    chars = [str(char) for char in meta.get("classes", [])]
+    num_classes = int(model.num_classes)
+    if len(chars) != num_classes:
+        raise EvaluationError(
+            f"{models / BUNDLE_FILE}: the model has {num_classes} outputs but its class map lists "
+            f"{len(chars)} characters; re-run the train stage"
+        )
+    if len(test) and int(test.labels.max()) >= num_classes:
+        raise EvaluationError(
+            f"the test split has label {int(test.labels.max())} but the model knows {num_classes} classes: "
+            f"it was trained on other data than data.dataset={settings.data.dataset!r}; "
+            "re-run prepare and train"
+        )
+
+    cfg = settings.evaluate
+    rotations = list(cfg.tta_rotations_deg) if cfg.tta else [0.0]
+    device = train.select_device(settings.train.device)
+    probs = predict_proba(model, test.images, cfg.batch_size, device, rotations)
+    y_true, y_pred = test.labels, probs.argmax(axis=1)
+
+    summary = summarize(y_true, y_pred, num_classes)
+    summary["tta_views"] = len(rotations)
+    recall, support = per_class_recall(y_true, y_pred, num_classes)
+    matrix = confusion(y_true, y_pred, num_classes)
+
+    reports = settings.path("reports")
+    eval_dir, figures_dir = reports / EVAL_DIR, reports / FIGURES_DIR
+    metrics_path = _write_json(eval_dir / METRICS_FILE, summary)
+    per_class_path = _write_csv(eval_dir / PER_CLASS_FILE, pd.DataFrame({
+        "index": np.arange(num_classes), "char": chars, "recall": np.round(recall, METRIC_DIGITS),
+        "support": support,
+    }))
+    predictions_path = _write_csv(eval_dir / PREDICTIONS_FILE, pd.DataFrame({
+        "actual": [chars[i] for i in y_true], "predicted": [chars[i] for i in y_pred],
+    }))
+    figures = [
+        plot_confusion(matrix, chars, figures_dir / CONFUSION_FIGURE),
+        plot_per_class_recall(recall, support, chars, summary["test_balanced_accuracy"],
+                              figures_dir / RECALL_FIGURE),
+        plot_worst_errors(test.images, y_true, probs, chars, cfg.worst_examples, figures_dir / WORST_FIGURE),
+    ]
+
+    with tracking.start_run(settings, "evaluate", run_id=run_id):
+        tracking.log_metrics({key: value for key, value in summary.items() if key != "n_test"})
+        tracking.log_files([metrics_path, per_class_path, predictions_path], EVAL_ARTIFACT)
+        tracking.log_files(figures, FIGURES_ARTIFACT)
+    log.info("test metrics: %s", summary)
+    return {**summary, "run_id": run_id, "metrics": str(metrics_path),
+            "figures": [str(path) for path in figures]}
+
+
+def read_train_run(path: Path) -> str:
+    """The MLflow run id the train stage recorded in ``models/train_run.json``."""
+    try:
+        info = json.loads(Path(path).read_text(encoding="utf-8"))
+        run_id = info["run_id"]
+    except FileNotFoundError:
+        raise EvaluationError(f"{path} not found: run the train stage first (`dvc repro train`)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EvaluationError(
+            f"{path} is not a valid train run record ({exc}); re-run the train stage"
+        ) from None
+    if not isinstance(run_id, str) or not run_id:
+        raise EvaluationError(f"{path}: 'run_id' is empty; re-run the train stage")
+    return run_id
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _write_csv(path: Path, frame: pd.DataFrame) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_csv(tmp, index=False, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

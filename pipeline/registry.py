@@ -1,0 +1,288 @@
+"""The register stage: put the evaluated training run's model in the MLflow Model Registry.
+
+Every version carries its test metrics, dataset, data checksums and git commit as tags. The champion
+alias (what serving deploys) moves only when the new version's test balanced accuracy is strictly better
+than the current champion's on the same dataset; otherwise the version becomes the challenger and the
+reason is recorded. A version is created with ``status=pending`` and flipped to ``ready`` as the very last
+step; on any failure the alias change is rolled back and the version is tagged ``status=failed``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+from pipeline import tracking
+from pipeline.config import Settings
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "train_run.json"
+REPORT_FILE = "registry.json"
+HEADLINE_METRIC = "test_balanced_accuracy"
+TEST_METRICS = ("test_balanced_accuracy", "test_accuracy", "test_macro_f1")
+
+TAG_STATUS = "status"
+STATUS_PENDING, STATUS_READY, STATUS_FAILED = "pending", "ready", "failed"
+TAG_DECISION = "decision"
+TAG_REASON = "decision_reason"
+TAG_DATA_DIGEST = "data.digest"
+TAG_MD5_PREFIX = "data.md5."
+DECISION_CHAMPION = "champion"
+DECISION_CHALLENGER = "challenger"
+
+
+class RegistryError(RuntimeError):
+    """The register stage cannot proceed; the message says what to run or change."""
+
+
+def _client(settings: Settings) -> mlflow.MlflowClient:
+    tracking.configure(settings)
+    uri = tracking.tracking_uri(settings)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _is(exc: MlflowException, code: int) -> bool:
+    return exc.error_code == ErrorCode.Name(code)
+
+
+def run(settings: Settings) -> dict[str, Any]:
+    """Register stage: new model version from ``models/train_run.json``'s run, then champion/challenger."""
+    from pipeline.evaluate import read_train_run
+
+    client = _client(settings)
+    name = settings.registry.model_name
+    run_id = read_train_run(settings.path("models") / RUN_FILE)
+    try:
+        train_run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise RegistryError(f"training run {run_id} not found at {tracking.tracking_uri(settings)}: "
+                            "re-run the train stage or point MLFLOW_TRACKING_URI at its store") from exc
+    metrics = _test_metrics(train_run)
+    base_tags = {
+        **{key: _fmt(value) for key, value in metrics.items()},
+        tracking.TAG_DATASET: train_run.data.tags.get(tracking.TAG_DATASET, settings.data.dataset),
+        **_data_tags(settings, train_run),
+    }
+    commit = train_run.data.tags.get(tracking.TAG_GIT_COMMIT)
+    if commit:
+        base_tags[tracking.TAG_GIT_COMMIT] = commit
+
+    _ensure_registered_model(client, name)
+    version = _existing_version(client, name, run_id)
+    if version is None:
+        version = mlflow.register_model(f"runs:/{run_id}/{tracking.MODEL_ARTIFACT}", name,
+                                        tags={**base_tags, TAG_STATUS: STATUS_PENDING})
+        log.info("registered %s version %s from run %s", name, version.version, run_id)
+    else:
+        log.info("run %s is already %s version %s: re-deciding its aliases", run_id, name, version.version)
+    number = str(version.version)  # MLflow returns int or str depending on the call
+
+    aliases = settings.registry
+    previous = _version_by_alias(client, name, aliases.champion_alias)
+    previous_number = str(previous.version) if previous else None
+    undo: list[tuple[str, str | None]] = []  # (alias, version it pointed to before this stage)
+
+    def point(alias: str, target: str | None) -> None:
+        current = _version_by_alias(client, name, alias)
+        before = str(current.version) if current else None
+        if before == target:
+            return
+        undo.append((alias, before))
+        if target is None:
+            client.delete_registered_model_alias(name, alias)
+        else:
+            client.set_registered_model_alias(name, alias, target)
+
+    try:
+        for key, value in base_tags.items():
+            client.set_model_version_tag(name, number, key, value)
+        decision, reason = decide(metrics[HEADLINE_METRIC], base_tags[tracking.TAG_DATASET], number,
+                                  previous, aliases.champion_alias)
+        client.set_model_version_tag(name, number, TAG_DECISION, decision)
+        client.set_model_version_tag(name, number, TAG_REASON, reason)
+        client.update_model_version(name, number, description=f"{decision}: {reason}")
+        if decision == DECISION_CHAMPION:
+            point(aliases.champion_alias, number)
+            challenger = _version_by_alias(client, name, aliases.challenger_alias)
+            if challenger is not None and str(challenger.version) == number:
+                point(aliases.challenger_alias, None)  # one version is never both
+            champion_version = number
+        else:
+            point(aliases.challenger_alias, number)
+            champion_version = previous_number
+        report = {
+            "model_name": name,
+            "version": number,
+            "run_id": run_id,
+            "decision": decision,
+            "reason": reason,
+            "alias": aliases.champion_alias if decision == DECISION_CHAMPION else aliases.challenger_alias,
+            "champion_version": champion_version,
+            "previous_champion_version": previous_number,
+            f"previous_champion_{HEADLINE_METRIC}": _metric_of(previous),
+            "metrics": metrics,
+            "dataset": base_tags[tracking.TAG_DATASET],
+            "tracking_uri": tracking.tracking_uri(settings),
+        }
+        _write_json(settings.path("reports") / REPORT_FILE, report)
+        client.set_model_version_tag(name, number, TAG_STATUS, STATUS_READY)
+    except BaseException as exc:
+        _roll_back(client, name, number, undo, exc)
+        raise
+    log.info("%s version %s: %s (%s)", name, number, decision, reason)
+    return report
+
+
+def decide(new_value: float, new_dataset: str, new_version: str, champion: Any | None,
+           champion_alias: str) -> tuple[str, str]:
+    """(decision, reason): champion only on a strictly better test balanced accuracy on the same data."""
+    if champion is None:
+        return DECISION_CHAMPION, f"no {champion_alias} yet"
+    if str(champion.version) == str(new_version):
+        return DECISION_CHAMPION, f"already the {champion_alias}"
+    old_dataset = champion.tags.get(tracking.TAG_DATASET)
+    if old_dataset and old_dataset != new_dataset:
+        return DECISION_CHALLENGER, (
+            f"trained on {new_dataset!r} but {champion_alias} v{champion.version} on {old_dataset!r}: scores "
+            "are not comparable; use a separate registry.model_name per dataset"
+        )
+    old_value = _float(champion.tags.get(HEADLINE_METRIC))
+    if old_value is None:
+        return DECISION_CHAMPION, (f"{champion_alias} v{champion.version} has no recorded {HEADLINE_METRIC}; "
+                                   f"new {new_value:.6f} replaces it")
+    if new_value > old_value:
+        return DECISION_CHAMPION, (f"{HEADLINE_METRIC} {new_value:.6f} beats {champion_alias} "
+                                   f"v{champion.version} ({old_value:.6f})")
+    return DECISION_CHALLENGER, (f"{HEADLINE_METRIC} {new_value:.6f} does not beat {champion_alias} "
+                                 f"v{champion.version} ({old_value:.6f})")
+
+
+def champion_artifacts(settings: Settings, dest_dir: Path) -> dict[str, Any]:
+    """Download the champion's serving files (``onnx/``) into ``dest_dir``; return paths, version, metrics."""
+    client = _client(settings)
+    name, alias = settings.registry.model_name, settings.registry.champion_alias
+    version = _version_by_alias(client, name, alias)
+    if version is None:
+        raise RegistryError(f"registered model {name!r} has no {alias!r} version at "
+                            f"{tracking.tracking_uri(settings)}: run the register stage first "
+                            "(`dvc repro register`)")
+    if version.tags.get(TAG_STATUS) != STATUS_READY:
+        raise RegistryError(f"{name} v{version.version} ({alias}) has status "
+                            f"{version.tags.get(TAG_STATUS)!r}, not {STATUS_READY!r}: "
+                            "re-run the register stage")
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    local = Path(mlflow.artifacts.download_artifacts(
+        run_id=version.run_id, artifact_path=tracking.ONNX_ARTIFACT, dst_path=str(dest_dir),
+        tracking_uri=tracking.tracking_uri(settings)))
+    files = {"onnx": local / tracking.ONNX_FILE, "classmap": local / tracking.CLASSMAP_FILE,
+             "meta": local / tracking.META_FILE}
+    missing = [str(path) for path in files.values() if not path.is_file()]
+    if missing:
+        raise RegistryError(f"{name} v{version.version}: run {version.run_id} lacks {', '.join(missing)}; "
+                            "re-run the train stage so it logs the ONNX files")
+    metrics = {key: value for key in TEST_METRICS if (value := _float(version.tags.get(key))) is not None}
+    return {**files, "model_name": name, "version": str(version.version), "run_id": version.run_id,
+            "alias": alias, "metrics": metrics, "dataset": version.tags.get(tracking.TAG_DATASET)}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _test_metrics(train_run: Any) -> dict[str, float]:
+    missing = [key for key in TEST_METRICS if key not in train_run.data.metrics]
+    if missing:
+        raise RegistryError(f"run {train_run.info.run_id} has no {', '.join(missing)}: run the evaluate "
+                            "stage first (`dvc repro evaluate`)")
+    values = {key: float(train_run.data.metrics[key]) for key in TEST_METRICS}
+    if not all(math.isfinite(value) for value in values.values()):
+        raise RegistryError(
+            f"run {train_run.info.run_id} has non-finite test metrics {values}; re-run evaluate")
+    return values
+
+
+def _data_tags(settings: Settings, train_run: Any) -> dict[str, str]:
+    """Data digest and per-file MD5s from the run's logged training dataset (else the current manifest)."""
+    for item in train_run.inputs.dataset_inputs if train_run.inputs else []:
+        profile = json.loads(item.dataset.profile or "{}")
+        if "files" in profile:
+            tags = {TAG_DATA_DIGEST: item.dataset.digest}
+            tags.update({f"{TAG_MD5_PREFIX}{file}": info["md5"] for file, info in profile["files"].items()})
+            return tags
+    from pipeline import data
+
+    manifest = data.read_manifest(settings)  # raises a DataError that says to run the download stage
+    return {f"{TAG_MD5_PREFIX}{file}": info["md5"] for file, info in manifest.get("files", {}).items()}
+
+
+def _ensure_registered_model(client: mlflow.MlflowClient, name: str) -> None:
+    try:
+        client.create_registered_model(name, description="SpinalVGG classifiers of cursive hiragana")
+    except MlflowException as exc:
+        if not _is(exc, RESOURCE_ALREADY_EXISTS):
+            raise
+
+
+def _existing_version(client: mlflow.MlflowClient, name: str, run_id: str) -> Any | None:
+    """A usable version already registered from ``run_id`` (re-running the stage must not duplicate it)."""
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    usable = [v for v in versions if v.tags.get(TAG_STATUS) != STATUS_FAILED]
+    return max(usable, key=lambda v: int(v.version)) if usable else None
+
+
+def _version_by_alias(client: mlflow.MlflowClient, name: str, alias: str) -> Any | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if _is(exc, RESOURCE_DOES_NOT_EXIST) or "not found" in str(exc).lower():
+            return None
+        raise
+
+
+def _metric_of(version: Any | None) -> float | None:
+    return None if version is None else _float(version.tags.get(HEADLINE_METRIC))
+
+
+def _roll_back(client: mlflow.MlflowClient, name: str, version: str, undo: list[tuple[str, str | None]],
+               error: BaseException) -> None:
+    """Restore the aliases this stage moved and mark the version failed; never mask the original error."""
+    try:
+        for alias, before in reversed(undo):
+            if before is None:
+                client.delete_registered_model_alias(name, alias)
+            else:
+                client.set_registered_model_alias(name, alias, before)
+        client.set_model_version_tag(name, version, TAG_STATUS, STATUS_FAILED)
+        client.set_model_version_tag(name, version, tracking.TAG_FAILURE,
+                                     f"{type(error).__name__}: {error}"[: tracking.FAILURE_TAG_MAX_CHARS])
+    except Exception:  # the registry itself is down: the original error is the one to report
+        log.exception("could not mark %s version %s as failed", name, version)
+
+
+def _float(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _fmt(value: float) -> str:
+    return repr(float(value))
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

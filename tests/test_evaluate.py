@@ -1,0 +1,156 @@
+"""Evaluation: metric definitions, TTA, figures and the evaluate stage on real (synthetic) files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import balanced_accuracy_score, f1_score
+
+from pipeline import evaluate, tracking
+from pipeline.config import Settings
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CHARS = ["あ", "い", "う", "え", "お"]
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), path
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 1000, path
+
+
+def test_balanced_accuracy_matches_sklearn_on_hand_made_case() -> None:
+    # 6 of class 0 (5 right), 3 of class 1 (1 right), 1 of class 2 (right): recalls 5/6, 1/3, 1.
+    y_true = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 2])
+    y_pred = np.array([0, 0, 0, 0, 0, 1, 1, 0, 0, 2])
+    expected = (5 / 6 + 1 / 3 + 1) / 3
+    assert evaluate.balanced_accuracy(y_true, y_pred) == pytest.approx(expected)
+    reference = balanced_accuracy_score(y_true, y_pred)
+    assert evaluate.balanced_accuracy(y_true, y_pred) == pytest.approx(reference)
+    assert evaluate.accuracy(y_true, y_pred) == pytest.approx(0.7)
+
+
+def test_balanced_accuracy_differs_from_accuracy_when_imbalanced() -> None:
+    # Always predicting the majority class: 90% accurate, but only half the classes are recognised.
+    y_true = np.array([0] * 90 + [1] * 10)
+    y_pred = np.zeros(100, dtype=np.int64)
+    assert evaluate.accuracy(y_true, y_pred) == pytest.approx(0.9)
+    assert evaluate.balanced_accuracy(y_true, y_pred) == pytest.approx(0.5)
+
+
+def test_macro_f1_counts_never_predicted_classes() -> None:
+    y_true = np.array([0, 0, 1, 1, 2])
+    y_pred = np.array([0, 0, 1, 0, 0])
+    expected = f1_score(y_true, y_pred, labels=[0, 1, 2, 3], average="macro", zero_division=0)
+    assert evaluate.macro_f1(y_true, y_pred, 4) == pytest.approx(expected)
+
+
+def test_per_class_recall_and_confusion() -> None:
+    y_true = np.array([0, 0, 1, 1, 1])
+    y_pred = np.array([0, 1, 1, 1, 0])
+    recall, support = evaluate.per_class_recall(y_true, y_pred, 3)
+    np.testing.assert_allclose(recall[:2], [0.5, 2 / 3])
+    assert np.isnan(recall[2])  # class 2 is absent: no recall, not a fake 0 or 1
+    assert support.tolist() == [2, 3, 0]
+    assert evaluate.confusion(y_true, y_pred, 3).tolist() == [[1, 1, 0], [1, 2, 0], [0, 0, 0]]
+    summary = evaluate.summarize(y_true, y_pred, 3)
+    assert summary["n_test"] == 5
+    assert summary["test_balanced_accuracy"] == pytest.approx((0.5 + 2 / 3) / 2, abs=1e-6)
+
+
+def test_rotation_keeps_shape_and_moves_ink() -> None:
+    images = np.zeros((2, 28, 28), np.uint8)
+    images[:, 4:24, 13:15] = 255  # a vertical bar
+    assert evaluate.rotate_images(images, 0.0) is images
+    turned = evaluate.rotate_images(images, 90.0)
+    assert turned.shape == images.shape and turned.dtype == np.uint8
+    assert turned[:, 13:15, 4:24].mean() > 200  # now horizontal
+    assert turned[:, 4:10, 13:15].max() == 0  # the top of the vertical bar is gone
+
+
+def test_worst_errors_order_by_confidence() -> None:
+    y_true = np.array([0, 1, 2, 0])
+    probs = np.array([[0.9, 0.1, 0.0], [0.6, 0.4, 0.0], [0.05, 0.95, 0.0], [0.2, 0.7, 0.1]])
+    assert evaluate.worst_errors(y_true, probs, 10).tolist() == [2, 3, 1]
+    assert evaluate.worst_errors(y_true, probs, 1).tolist() == [2]
+
+
+def test_figures_are_written(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, len(CHARS), 60)
+    probs = rng.dirichlet(np.ones(len(CHARS)), 60)
+    y_pred = probs.argmax(axis=1)
+    images = rng.integers(0, 256, (60, 28, 28)).astype(np.uint8)
+    recall, support = evaluate.per_class_recall(y_true, y_pred, len(CHARS))
+    paths = [
+        evaluate.plot_confusion(evaluate.confusion(y_true, y_pred, len(CHARS)), CHARS, tmp_path / "c.png"),
+        evaluate.plot_per_class_recall(recall, support, CHARS, 0.3, tmp_path / "r.png"),
+        evaluate.plot_worst_errors(images, y_true, probs, CHARS, 12, tmp_path / "w.png"),
+        evaluate.plot_worst_errors(images[:1], y_pred[:1], probs[:1], CHARS, 12, tmp_path / "none.png"),
+    ]
+    for path in paths:
+        assert_png(path)
+
+
+def test_missing_train_run_record_is_explained(tmp_path: Path) -> None:
+    with pytest.raises(evaluate.EvaluationError, match="run the train stage"):
+        evaluate.read_train_run(tmp_path / "train_run.json")
+    (tmp_path / "bad.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(evaluate.EvaluationError, match="not a valid train run record"):
+        evaluate.read_train_run(tmp_path / "bad.json")
+
+
+@pytest.mark.slow
+def test_evaluate_stage_end_to_end(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Synthetic test split + an (untrained) saved bundle + a real MLflow run: every output is written."""
+    from pipeline import data, train
+    from pipeline.model import SpinalVGG
+
+    monkeypatch.delenv(tracking.TRACKING_URI_ENV, raising=False)
+    settings = make_settings({
+        "data.dataset": "synthetic", "data.synthetic.train_per_class": 1, "data.synthetic.test_per_class": 2,
+        "evaluate.tta": True, "evaluate.worst_examples": 10, "train.device": "cpu",
+    })
+    data.fetch_raw(settings)
+    classmap = data.load_classmap(settings.path("raw") / "k49_classmap.csv")
+    torch.manual_seed(0)
+    model = SpinalVGG(len(classmap), spinal_width=8, dropout=0.5, pixel_mean=0.2, pixel_std=0.3)
+    models = settings.path("models")
+    train.save_bundle(models / evaluate.BUNDLE_FILE, model, {"classes": list(classmap.chars)})
+    with tracking.start_run(settings, "train") as active:
+        pass
+    (models / evaluate.RUN_FILE).write_text(json.dumps({"run_id": active.info.run_id}), encoding="utf-8")
+
+    result = evaluate.run(settings)
+
+    test = data.load_test(settings)
+    reports = settings.path("reports")
+    metrics = json.loads((reports / "eval" / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["n_test"] == len(test) == 2 * len(classmap)
+    assert metrics["tta_views"] == len(settings.evaluate.tta_rotations_deg)
+    assert 0.0 <= metrics["test_balanced_accuracy"] <= 1.0
+    assert result["test_accuracy"] == metrics["test_accuracy"]
+    predictions = pd.read_csv(reports / "eval" / "predictions.csv")
+    assert len(predictions) == len(test)
+    assert predictions["actual"].tolist() == [classmap.chars[i] for i in test.labels]
+    recomputed = balanced_accuracy_score(predictions["actual"], predictions["predicted"])
+    assert recomputed == pytest.approx(metrics["test_balanced_accuracy"], abs=1e-6)
+    per_class = pd.read_csv(reports / "eval" / "per_class.csv")
+    assert per_class["char"].tolist() == list(classmap.chars) and per_class["support"].sum() == len(test)
+    for name in ("confusion_matrix.png", "per_class_recall.png", "worst_errors.png"):
+        assert_png(reports / "figures" / name)
+
+    run = mlflow.MlflowClient(tracking.tracking_uri(settings)).get_run(active.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test_balanced_accuracy"] == pytest.approx(metrics["test_balanced_accuracy"])
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(active.info.run_id, "figures")}
+    assert "figures/confusion_matrix.png" in artifacts

@@ -1,0 +1,188 @@
+"""Model registry on a real MLflow SQLite store (one per module): champion/challenger, rollback, export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from pipeline import registry, tracking
+from pipeline.config import Settings, load_settings
+from pipeline.export import export_onnx
+from tests.support import PROJECT_ROOT
+from tests.test_export import raw_pixels, small_model
+
+MANIFEST = {
+    "dataset": "synthetic",
+    "prefix": "k49",
+    "source": "synthetic:seed=0",
+    "files": {"k49-train-imgs.npz": {"md5": "0123456789abcdef0123456789abcdef", "bytes": 1000},
+              "k49-test-imgs.npz": {"md5": "fedcba9876543210fedcba9876543210", "bytes": 200}},
+}
+
+TrainedRun = Callable[[Settings, float], str]
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    root = tmp_path_factory.mktemp("registry")
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params["profile"] = "quick"
+    params["data"]["dataset"] = "synthetic"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(tracking.TRACKING_URI_ENV, raising=False)
+        yield load_settings(root / "params.yaml")
+
+
+@pytest.fixture(scope="module")
+def trained_run(settings: Settings) -> TrainedRun:
+    """Log a real training run (PyTorch model, ONNX files, dataset, test metrics) as train+evaluate do."""
+    files = settings.root / "exported"
+    files.mkdir()
+    model, example = small_model(), raw_pixels(2)
+    export_onnx(model, files / "model.onnx", example)
+    (files / "classmap.csv").write_text("index,codepoint,char\n0,U+3042,あ\n", encoding="utf-8")
+    (files / "meta.json").write_text(json.dumps({"classes": ["あ"]}), encoding="utf-8")
+
+    def _make(run_settings: Settings, balanced_accuracy: float) -> str:
+        with tracking.start_run(run_settings, "train") as active:
+            mlflow.log_input(tracking.manifest_dataset(MANIFEST, run_settings.path("raw"), {"train": 10}),
+                             context="training")
+            tracking.log_model(model, files / "model.onnx", example, files)
+        with tracking.start_run(run_settings, "evaluate", run_id=active.info.run_id):
+            tracking.log_metrics({"test_balanced_accuracy": balanced_accuracy,
+                                  "test_accuracy": balanced_accuracy + 0.01,
+                                  "test_macro_f1": balanced_accuracy})
+        models = run_settings.path("models")
+        models.mkdir(parents=True, exist_ok=True)
+        (models / "train_run.json").write_text(json.dumps({"run_id": active.info.run_id}), encoding="utf-8")
+        return active.info.run_id
+
+    return _make
+
+
+def named(settings: Settings, model_name: str) -> Settings:
+    return settings.with_overrides({"registry.model_name": model_name})
+
+
+def client(settings: Settings) -> mlflow.MlflowClient:
+    uri = tracking.tracking_uri(settings)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def alias_version(settings: Settings, alias: str) -> str | None:
+    try:
+        return str(client(settings).get_model_version_by_alias(settings.registry.model_name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def report(settings: Settings) -> dict:
+    return json.loads((settings.path("reports") / "registry.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.slow
+def test_champion_moves_only_on_improvement(settings: Settings, trained_run: TrainedRun) -> None:
+    cfg = named(settings, "ladder")
+    champion, challenger = cfg.registry.champion_alias, cfg.registry.challenger_alias
+
+    first_run = trained_run(cfg, 0.80)
+    first = registry.run(cfg)
+    assert (first["version"], first["decision"], first["champion_version"]) == ("1", "champion", "1")
+    assert alias_version(cfg, champion) == "1"
+    assert report(cfg)["run_id"] == first_run and report(cfg)["decision"] == "champion"
+
+    trained_run(cfg, 0.70)
+    second = registry.run(cfg)
+    assert (second["version"], second["decision"], second["champion_version"]) == ("2", "challenger", "1")
+    assert "does not beat champion v1" in second["reason"]
+    assert alias_version(cfg, champion) == "1" and alias_version(cfg, challenger) == "2"
+
+    trained_run(cfg, 0.85)
+    third = registry.run(cfg)
+    assert (third["version"], third["decision"], third["champion_version"]) == ("3", "champion", "3")
+    assert third["previous_champion_version"] == "1"
+    assert third["previous_champion_test_balanced_accuracy"] == pytest.approx(0.80)
+    assert alias_version(cfg, champion) == "3" and alias_version(cfg, challenger) == "2"
+
+    version = client(cfg).get_model_version("ladder", "3")
+    assert version.tags["status"] == "ready"
+    assert float(version.tags["test_balanced_accuracy"]) == pytest.approx(0.85)
+    assert version.tags["dataset"] == "synthetic"
+    assert version.tags["data.md5.k49-test-imgs.npz"] == MANIFEST["files"]["k49-test-imgs.npz"]["md5"]
+    assert version.tags["data.digest"]
+    if tracking.git_commit(PROJECT_ROOT):
+        assert len(version.tags["git_commit"]) == 40
+    assert version.description.startswith("champion: test_balanced_accuracy 0.850000 beats champion v1")
+    loser = client(cfg).get_model_version("ladder", "2")
+    assert loser.tags["decision"] == "challenger" and "0.700000" in loser.tags["decision_reason"]
+
+    # Re-running the stage for the same training run decides again but never duplicates the version.
+    again = registry.run(cfg)
+    assert (again["version"], again["decision"]) == ("3", "champion")
+    assert len(client(cfg).search_model_versions("name = 'ladder'")) == 3
+
+    served = registry.champion_artifacts(cfg, cfg.root / "champion")
+    assert served["version"] == "3" and served["metrics"]["test_balanced_accuracy"] == pytest.approx(0.85)
+    for key in ("onnx", "classmap", "meta"):
+        assert Path(served[key]).is_file() and Path(served[key]).stat().st_size > 0
+    assert Path(served["onnx"]).read_bytes() == (cfg.root / "exported" / "model.onnx").read_bytes()
+
+
+@pytest.mark.slow
+def test_failure_after_registration_rolls_back(settings: Settings, trained_run: TrainedRun) -> None:
+    cfg = named(settings, "rollback")
+    trained_run(cfg, 0.60)
+    assert registry.run(cfg)["version"] == "1"
+    trained_run(cfg, 0.99)  # would become champion ...
+    blocker = cfg.path("reports") / "registry.json"
+    blocker.unlink()
+    blocker.mkdir()
+    (blocker / "keep").write_text("x")  # ... but the report cannot be written
+    with pytest.raises(OSError):
+        registry.run(cfg)
+    failed = client(cfg).get_model_version("rollback", "2")
+    assert failed.tags["status"] == "failed" and "failure_reason" in failed.tags
+    assert alias_version(cfg, cfg.registry.champion_alias) == "1"  # the champion was put back
+    with pytest.raises(registry.RegistryError, match="run the register stage"):
+        registry.champion_artifacts(named(cfg, "rollback-none"), cfg.root / "none")
+
+    shutil.rmtree(blocker)
+    retried = registry.run(cfg)  # the failed version is ignored; a clean one takes its place
+    assert (retried["version"], retried["decision"]) == ("3", "champion")
+    assert registry.champion_artifacts(cfg, cfg.root / "served")["version"] == "3"
+
+
+def test_unevaluated_run_is_refused_before_registering(settings: Settings) -> None:
+    cfg = named(settings, "unevaluated")
+    with tracking.start_run(cfg, "train") as active:
+        pass
+    models = cfg.path("models")
+    models.mkdir(parents=True, exist_ok=True)
+    (models / "train_run.json").write_text(json.dumps({"run_id": active.info.run_id}), encoding="utf-8")
+    with pytest.raises(registry.RegistryError, match="run the evaluate stage first"):
+        registry.run(cfg)
+    assert client(cfg).search_model_versions("name = 'unevaluated'") == []
+
+
+def test_decide_rules() -> None:
+    class Version:
+        def __init__(self, version: str, value: float | None, dataset: str = "k49") -> None:
+            self.version = version
+            self.tags = {"dataset": dataset}
+            if value is not None:
+                self.tags["test_balanced_accuracy"] = repr(value)
+
+    assert registry.decide(0.5, "k49", "1", None, "champion")[0] == "champion"
+    tie = registry.decide(0.9, "k49", "2", Version("1", 0.9), "champion")
+    assert tie[0] == "challenger"  # a tie keeps the champion
+    assert registry.decide(0.91, "k49", "2", Version("1", 0.9), "champion")[0] == "champion"
+    decision, reason = registry.decide(0.99, "kmnist", "2", Version("1", 0.5), "champion")
+    assert decision == "challenger" and "not comparable" in reason
+    assert registry.decide(0.1, "k49", "2", Version("1", None), "champion")[0] == "champion"
