@@ -13,7 +13,7 @@ DATASET ?= k49
 PROFILE ?= $(if $(filter synthetic,$(DATASET)),quick,full)
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test lock mlflow-ui serve
+.PHONY: help venv run test lock mlflow-ui serve container
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -40,3 +40,7 @@ lock: ## re-pin requirements.lock from the current .venv
 mlflow-ui: $(STAMP) ## MLflow UI on the embedded store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow/mlflow.db}" \
 	  --host 127.0.0.1 --port 5000
+
+CONTAINER_ARGS ?=
+container: $(STAMP) ## build the serving image (bentoml containerize), run it, check real answers
+	scripts/container_smoke.sh $(CONTAINER_ARGS)
