@@ -1,0 +1,121 @@
+"""SpinalVGG for 28x28 glyphs.
+
+Reference: H. M. D. Kabir et al., "SpinalNet: Deep Neural Network with Gradual Input",
+IEEE Transactions on Artificial Intelligence, 2023 (arXiv:2007.03347), the VGG-style network with a
+spinal fully connected head that the authors used for Kuzushiji-49 and KMNIST.
+
+Read top to bottom:
+1. a VGG trunk: four blocks of 3x3 conv + BatchNorm + ReLU, each ending in a 2x2 max-pool
+   (28 -> 14 -> 7 -> 3 -> 1), giving 256 features;
+2. the spinal head: the features are split into halves A and B; four narrow layers each see one half
+   plus the previous spinal layer's output (L1(A), L2(B|L1), L3(A|L2), L4(B|L3)); the output layer sees
+   all four. 3,649,777 parameters for 49 classes with spinal width 128.
+
+The input is float32 (N, 1, 28, 28) holding raw pixels 0..255. The network standardises it itself with
+the training split's pixel mean/std, kept as buffers, so every consumer feeds the same raw tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.config import Settings
+from pipeline.transforms import normalize
+
+IMAGE_SIDE = 28
+IN_CHANNELS = 1
+# Output channels of each 3x3 conv, grouped by the block that a 2x2 max-pool closes.
+CONV_BLOCKS: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (256, 256, 256))
+FEATURES = CONV_BLOCKS[-1][-1]  # after four pools a 28x28 input is 1x1 spatially
+SPINAL_LAYERS = 4
+
+
+def conv_block(in_channels: int, widths: tuple[int, ...]) -> nn.Sequential:
+    """3x3 convs (padding 1), each followed by BatchNorm and ReLU, then a 2x2 max-pool."""
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers += [nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        in_channels = width
+    layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+def spinal_layer(in_features: int, width: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Dropout(dropout), nn.Linear(in_features, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True)
+    )
+
+
+class SpinalVGG(nn.Module):
+    def __init__(
+        self,
+        num_classes: int,
+        spinal_width: int = 128,
+        dropout: float = 0.5,
+        pixel_mean: float = 0.0,
+        pixel_std: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"SpinalVGG needs at least 2 classes, got num_classes={num_classes}")
+        if not pixel_std > 0:
+            raise ValueError(f"pixel_std must be > 0 (from the prepared stats.json), got {pixel_std}")
+        self.num_classes = num_classes
+        self.spinal_width = spinal_width
+        self.dropout = dropout
+        # Not trainable, but saved in the state_dict and exported to ONNX with the weights.
+        self.register_buffer("pixel_mean", torch.tensor(float(pixel_mean)))
+        self.register_buffer("pixel_std", torch.tensor(float(pixel_std)))
+
+        blocks, in_channels = [], IN_CHANNELS
+        for widths in CONV_BLOCKS:
+            blocks.append(conv_block(in_channels, widths))
+            in_channels = widths[-1]
+        self.features = nn.Sequential(*blocks)
+
+        self.half = FEATURES // 2
+        # Layer i sees half A (even i) or half B (odd i), plus layer i-1's output from the second on.
+        self.spinal = nn.ModuleList(
+            spinal_layer(self._half_width(i) + (spinal_width if i else 0), spinal_width, dropout)
+            for i in range(SPINAL_LAYERS)
+        )
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(SPINAL_LAYERS * spinal_width, num_classes))
+
+    def _half_width(self, index: int) -> int:
+        return self.half if index % 2 == 0 else FEATURES - self.half
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw pixels (N, 1, 28, 28) in 0..255 -> class logits (N, num_classes)."""
+        x = normalize(x, self.pixel_mean, self.pixel_std)
+        x = self.features(x).flatten(1)
+        a, b = x[:, : self.half], x[:, self.half :]
+        outputs: list[torch.Tensor] = []
+        for index, layer in enumerate(self.spinal):
+            half = a if index % 2 == 0 else b  # A, B, A, B: the input arrives gradually
+            outputs.append(layer(torch.cat([half, outputs[-1]], dim=1) if outputs else half))
+        return self.head(torch.cat(outputs, dim=1))
+
+    def config(self) -> dict[str, float | int]:
+        """Plain constructor arguments (for the model bundle and rebuilding the network)."""
+        return {
+            "num_classes": self.num_classes,
+            "spinal_width": self.spinal_width,
+            "dropout": self.dropout,
+            "pixel_mean": float(self.pixel_mean),
+            "pixel_std": float(self.pixel_std),
+        }
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_model(settings: Settings, num_classes: int, pixel_mean: float, pixel_std: float) -> SpinalVGG:
+    return SpinalVGG(
+        num_classes=num_classes,
+        spinal_width=settings.model.spinal_width,
+        dropout=settings.model.dropout,
+        pixel_mean=pixel_mean,
+        pixel_std=pixel_std,
+    )

@@ -1,0 +1,106 @@
+"""Input normalisation and batched, on-device data augmentation for 28x28 glyphs.
+
+Images travel as raw intensities 0..255 (white ink on black). ``normalize`` is the one place that turns
+them into standardised model input; the model calls it inside ``forward`` so training, ONNX and the
+service cannot drift. ``BatchAugment`` warps a whole batch with one ``affine_grid``/``grid_sample`` call
+on the training device: a random rotation and translation per sample, zero padding (black background),
+and optional random erasing. It never flips or rescales: a mirrored or cropped kana is another glyph or
+no glyph at all.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import AugmentSettings
+
+PIXEL_MAX = 255.0  # uint8 ink intensity; the stored mean/std are in 0..1 units
+# Random erasing box, as in torchvision.transforms.RandomErasing (Zhong et al., arXiv:1708.04896).
+ERASE_AREA = (0.02, 0.33)  # fraction of the image area
+ERASE_ASPECT = (0.3, 3.3)  # height / width
+ERASE_VALUE = 0.0  # black = background, so an erased box looks like missing ink, not a new stroke
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor | float, std: torch.Tensor | float) -> torch.Tensor:
+    """Raw 0..255 pixels -> standardised input: ``(x / 255 - mean) / std`` (mean/std in 0..1 units)."""
+    return (x / PIXEL_MAX - mean) / std
+
+
+def affine_warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Warp ``images`` (N, C, H, W) by per-sample matrices ``theta`` (N, 2, 3) in normalised coordinates.
+
+    Pixels that come from outside the frame are 0 (black background).
+    """
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class BatchAugment:
+    """Random rotation + translation (+ optional random erasing) of a float batch (N, 1, H, W) of raw pixels.
+
+    All random numbers come from ``generator`` (a CPU ``torch.Generator``) so a run is reproducible and
+    its state can be checkpointed; only the small per-sample parameters travel to the device.
+    """
+
+    def __init__(self, settings: AugmentSettings, generator: torch.Generator | None = None) -> None:
+        self.rotation_deg = settings.rotation_deg
+        self.translate_frac = settings.translate_frac
+        self.erasing_prob = settings.erasing_prob
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+
+    @property
+    def warps(self) -> bool:
+        return self.rotation_deg > 0 or self.translate_frac > 0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 1:
+            raise ValueError(f"BatchAugment expects a float batch (N, 1, H, W); got shape "
+                             f"{tuple(images.shape)}")
+        if self.warps:
+            # Bilinear weights can overshoot 255 by float rounding; keep the 0..255 input contract exact.
+            matrices = self.random_matrices(images.shape[0]).to(images.device)
+            images = affine_warp(images, matrices).clamp_(0.0, PIXEL_MAX)
+        if self.erasing_prob > 0:
+            images = images.masked_fill(self.random_erase_masks(images.shape, images.device), ERASE_VALUE)
+        return images
+
+    def _uniform(self, count: int, low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(count, generator=self.generator)
+
+    def random_matrices(self, count: int) -> torch.Tensor:
+        """(count, 2, 3) rotation + translation matrices (output -> input coordinates, range [-1, 1])."""
+        angle = torch.deg2rad(self._uniform(count, -self.rotation_deg, self.rotation_deg))
+        # The normalised frame spans 2 units per side, so a shift of f * side is 2 * f units.
+        shift = 2.0 * self.translate_frac
+        tx = self._uniform(count, -shift, shift)
+        ty = self._uniform(count, -shift, shift)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        return torch.stack(
+            [torch.stack([cos, -sin, tx], dim=1), torch.stack([sin, cos, ty], dim=1)], dim=1
+        )
+
+    def random_erase_masks(self, shape: torch.Size, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Boolean masks (N, 1, H, W) on ``device``: True inside one random box per image picked with
+        probability erasing_prob (box parameters are drawn on the CPU generator, the mask built on device)."""
+        count, _, height, width = shape
+        picked = torch.rand(count, generator=self.generator) < self.erasing_prob
+        area = self._uniform(count, *ERASE_AREA) * height * width
+        log_aspect = self._uniform(count, math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1]))
+        aspect = torch.exp(log_aspect)
+        box_h = torch.sqrt(area * aspect).round().clamp(1, height).long()
+        box_w = torch.sqrt(area / aspect).round().clamp(1, width).long()
+        top = (torch.rand(count, generator=self.generator) * (height - box_h + 1)).long()
+        left = (torch.rand(count, generator=self.generator) * (width - box_w + 1)).long()
+        picked, top, left, box_h, box_w = (t.to(device) for t in (picked, top, left, box_h, box_w))
+        rows = torch.arange(height, device=device)[None, :, None]
+        cols = torch.arange(width, device=device)[None, None, :]
+        inside = (
+            (rows >= top[:, None, None])
+            & (rows < (top + box_h)[:, None, None])
+            & (cols >= left[:, None, None])
+            & (cols < (left + box_w)[:, None, None])
+        )
+        return (inside & picked[:, None, None])[:, None]

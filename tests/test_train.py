@@ -1,0 +1,303 @@
+"""The training loop on a tiny learnable set: it learns, stops early on a plateau keeping the best weights,
+is seeded, and a killed-then-resumed run ends exactly where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import balanced_accuracy_score
+from torch import nn
+
+from pipeline import train as training
+from pipeline.model import SpinalVGG
+
+NUM_CLASSES = 4
+PIXEL_MEAN, PIXEL_STD = 0.15, 0.3
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray
+    labels: np.ndarray
+
+
+def blobs(per_class: list[int], seed: int) -> Split:
+    """Noise with a bright 8x8 square in a class-dependent quadrant: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(per_class)), per_class).astype(np.int64)
+    images = rng.integers(0, 40, (len(labels), 28, 28)).astype(np.uint8)
+    for index, label in enumerate(labels):
+        top, left = 4 + (label // 2) * 12 + rng.integers(-1, 2), 4 + (label % 2) * 12 + rng.integers(-1, 2)
+        images[index, top:top + 8, left:left + 8] = 255
+    return Split(images, labels)
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def tiny(make_settings):
+    def _make(**overrides):
+        base = {"train.epochs": 3, "train.batch_size": 8, "train.optimizer": "adamw", "train.lr": 0.002,
+                "train.warmup_epochs": 0.5,
+                "train.ema_decay": 0.0, "train.patience": 10, "train.device": "cpu", "model.spinal_width": 16}
+        return make_settings({**base, **{k.replace("__", "."): v for k, v in overrides.items()}})
+
+    return _make
+
+
+TRAIN, VAL = blobs([8, 8, 8, 8], seed=0), blobs([4, 4, 4, 4], seed=1)
+
+
+def test_loss_falls_and_the_model_learns(tiny):
+    settings = tiny()
+    result = training.fit(settings, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
+    losses = [m.train_loss for m in result.history]
+    assert len(result.history) == 3 and not result.stopped_early
+    assert losses[-1] < losses[0]
+    assert result.best_val_balanced_accuracy >= 0.75  # chance is 0.25
+    assert result.best.val_balanced_accuracy == result.best_val_balanced_accuracy
+    assert set(result.history[0].as_dict()) == {"epoch", "train_loss", "val_loss", "val_accuracy",
+                                                "val_balanced_accuracy", "lr", "seconds"}
+    assert not result.model.training and next(result.model.parameters()).device.type == "cpu"
+
+
+def test_early_stopping_restores_the_best_weights(tiny):
+    # min_delta 1.0 cannot be beaten after the first epoch: patience 1 stops after epoch 2.
+    settings = tiny(train__epochs=6, train__patience=1, train__min_delta=1.0)
+    result = training.fit(settings, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
+    assert result.stopped_early
+    assert [m.epoch for m in result.history] == [1, 2]
+    assert result.best_epoch == 1
+    logits = torch.from_numpy(training.predict_logits(result.model, VAL.images, 7, "cpu"))
+    val_loss = nn.functional.cross_entropy(logits, torch.from_numpy(VAL.labels)).item()
+    assert val_loss == pytest.approx(result.history[0].val_loss, rel=1e-4)
+    assert val_loss != pytest.approx(result.history[1].val_loss, rel=1e-4)
+
+
+def _comparable(history):
+    return [{k: v for k, v in m.as_dict().items() if k != "seconds"} for m in history]
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_killed_then_resumed_run_ends_where_an_uninterrupted_one_does(tiny, tmp_path):
+    # EMA, sampler and augmentation on: every piece of RNG and averaged state has to survive the restart.
+    settings = tiny(train__ema_decay=0.8, train__class_balance="sampler", train__optimizer="sgd",
+                    train__lr=0.05, train__batch_size=12, augment__erasing_prob=0.5)
+    imbalanced = blobs([10, 6, 4, 4], seed=2)
+    whole = training.fit(settings, imbalanced, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD,
+                         checkpoint_path=tmp_path / "a.pt")
+
+    def kill_after_epoch_2(metrics):
+        if metrics.epoch == 2:
+            raise Killed("simulated kill")
+
+    checkpoint = tmp_path / "b.pt"
+    with pytest.raises(Killed):
+        training.fit(settings, imbalanced, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD,
+                     callbacks=[kill_after_epoch_2], checkpoint_path=checkpoint)
+    seen = []
+    resumed = training.fit(settings, imbalanced, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD,
+                           callbacks=[seen.append], checkpoint_path=checkpoint)
+
+    assert [m.epoch for m in seen] == [3]  # only the epoch that was still to run
+    assert _comparable(resumed.history) == _comparable(whole.history)
+    assert resumed.best_epoch == whole.best_epoch
+    expected, actual = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    # The EMA averaged the BatchNorm statistics too: they moved away from their initial values.
+    assert not torch.allclose(actual["features.0.1.running_var"], torch.ones(64))
+
+
+def test_checkpoint_of_other_settings_is_not_resumed(tiny, tmp_path):
+    settings = tiny(train__epochs=1)
+    checkpoint = tmp_path / "run.pt"
+    training.fit(settings, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD, checkpoint_path=checkpoint)
+    same = training.fingerprint(settings, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
+    assert training._load_checkpoint(checkpoint, same) is not None
+    # Device and validation batch size do not change the trajectory; lr and the data do.
+    portable = settings.with_overrides({"train.device": "auto", "train.eval_batch_size": 3})
+    assert training.fingerprint(portable, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD) == same
+    other_lr = settings.with_overrides({"train.lr": 0.01})
+    assert training.fingerprint(other_lr, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD) != same
+    flipped = Split(TRAIN.images.copy(), TRAIN.labels)
+    flipped.images[0, 0, 0] ^= 1
+    other_data = training.fingerprint(settings, flipped, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
+    assert other_data != same and training._load_checkpoint(checkpoint, other_data) is None
+    # A truncated file is ignored (training starts fresh) instead of crashing the stage.
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    assert training._load_checkpoint(checkpoint, same) is None
+
+
+def test_interrupted_stage_resumes_its_mlflow_run_only_for_the_same_fingerprint(tmp_path):
+    import json
+
+    checkpoint, marker = tmp_path / training.CHECKPOINT_FILE, tmp_path / training.CHECKPOINT_RUN_FILE
+    marker.write_text(json.dumps({"run_id": "abc123", "fingerprint": "f1"}))
+    assert training._resumable_run(checkpoint, marker, "f1") is None  # no checkpoint: nothing to resume
+    checkpoint.write_bytes(b"x")
+    assert training._resumable_run(checkpoint, marker, "f1") == "abc123"
+    assert training._resumable_run(checkpoint, marker, "f2") is None
+    marker.write_text("{not json")
+    assert training._resumable_run(checkpoint, marker, "f1") is None
+
+
+def test_divergence_stops_with_a_clear_error(tiny):
+    settings = tiny(train__epochs=1, train__optimizer="sgd", train__lr=1e12, train__label_smoothing=0.0)
+    with pytest.raises(training.TrainingDiverged, match="lower train.lr"):
+        training.fit(settings, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
+
+
+def test_bad_training_data_is_rejected_with_a_clear_message(tiny):
+    settings = tiny()
+    with pytest.raises(ValueError, match="labels span"):
+        training.fit(settings, TRAIN, VAL, 3, PIXEL_MEAN, PIXEL_STD)
+    with pytest.raises(ValueError, match="uint8"):
+        training.fit(settings, Split(TRAIN.images.astype(np.float32), TRAIN.labels), VAL, NUM_CLASSES,
+                     PIXEL_MEAN, PIXEL_STD)
+
+
+class FixedPredictions(nn.Module):
+    """Predicts the class written in pixel (0, 0): a known confusion matrix for the metric check."""
+
+    num_classes = NUM_CLASSES
+
+    def forward(self, x):
+        return nn.functional.one_hot(x[:, 0, 0, 0].long(), NUM_CLASSES).float()
+
+
+def test_validation_balanced_accuracy_matches_sklearn():
+    labels = np.array([0] * 8 + [1] * 3 + [2] * 2 + [3] * 1)
+    predicted = np.array([0] * 7 + [1] + [1, 1, 0] + [2, 3] + [3])
+    images = np.zeros((len(labels), 28, 28), np.uint8)
+    images[:, 0, 0] = predicted
+    loss, accuracy, balanced = training._validate(
+        FixedPredictions(), torch.from_numpy(images), torch.from_numpy(labels), NUM_CLASSES, 5, False, False)
+    assert balanced == pytest.approx(balanced_accuracy_score(labels, predicted))
+    assert accuracy == pytest.approx(np.mean(labels == predicted))
+    assert balanced != pytest.approx(accuracy)
+    assert math.isfinite(loss)
+
+
+def test_class_weights_are_inverse_frequency_with_mean_one():
+    weights = training.class_weights(np.array([0] * 6 + [1] * 3 + [2] * 1), 3)
+    assert weights.mean().item() == pytest.approx(1.0)
+    assert weights[2] / weights[0] == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step"])
+def test_schedules_warm_up_peak_at_lr_and_decay(make_settings, schedule):
+    cfg = make_settings({"train.schedule": schedule, "train.epochs": 10, "train.warmup_epochs": 2.0,
+                         "train.lr": 0.1, "train.step_every": 4, "train.step_gamma": 0.5}).train
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    steps = 5
+    scheduler, per_batch = training.make_scheduler(cfg, optimizer, steps)
+    lrs = []
+    for _ in range(cfg.epochs):
+        for _ in range(steps):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            if per_batch:
+                scheduler.step()
+        if not per_batch:
+            scheduler.step()
+    assert per_batch == (schedule != "step")
+    assert max(lrs) == pytest.approx(cfg.lr, rel=1e-3)
+    assert lrs[-1] <= 0.25 * cfg.lr
+    if schedule != "step":  # linear warm-up over 2 epochs = 10 batches
+        assert lrs[0] < 0.2 * cfg.lr and lrs[:10] == sorted(lrs[:10])
+    else:
+        assert lrs[steps * 4] == pytest.approx(cfg.lr * 0.5)
+
+
+def test_bundle_round_trip_and_predict_logits(tmp_path):
+    model = SpinalVGG(NUM_CLASSES, spinal_width=16, pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD).eval()
+    path = training.save_bundle(tmp_path / "model.pt", model, {"classes": ["あ", "い", "う", "え"]})
+    loaded, meta = training.load_bundle(path)
+    assert meta["classes"] == ["あ", "い", "う", "え"]
+    assert meta["model"] == model.config()
+    expected = training.predict_logits(model, VAL.images, 5, "cpu")
+    assert expected.shape == (len(VAL.labels), NUM_CLASSES) and expected.dtype == np.float32
+    # Same weights; only the batching differs (64 vs 5), which may move the last float bit.
+    np.testing.assert_allclose(training.predict_logits(loaded, VAL.images, 64, "cpu"), expected,
+                               rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        direct = model(torch.from_numpy(VAL.images).float().unsqueeze(1)).numpy()
+    np.testing.assert_allclose(expected, direct, rtol=1e-5, atol=1e-5)
+
+    (tmp_path / "broken.pt").write_bytes(b"not a bundle")
+    with pytest.raises(ValueError, match="not a valid model bundle"):
+        training.load_bundle(tmp_path / "broken.pt")
+    with pytest.raises(FileNotFoundError, match="run the train stage"):
+        training.load_bundle(tmp_path / "missing.pt")
+
+
+def test_select_device():
+    assert training.select_device("cpu").type == "cpu"
+    assert training.select_device("auto").type in ("cuda", "mps", "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no cuda device"):
+            training.select_device("cuda")
+
+
+@pytest.mark.slow
+def test_train_stage_writes_outputs_and_tracks_the_run(make_settings, monkeypatch):
+    """``run`` on generated data: bundle, verified ONNX, reports, figures and one MLflow run with epochs."""
+    import json
+
+    import mlflow
+
+    from pipeline import data
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    settings = make_settings({
+        "data.dataset": "synthetic", "data.val_fraction": 0.2, "data.synthetic.train_per_class": 10,
+        "data.synthetic.test_per_class": 2, "train.epochs": 2, "train.batch_size": 64,
+        "train.max_train_per_class": 4, "train.max_val_per_class": 1, "train.device": "cpu",
+        "model.spinal_width": 16,
+    })
+    data.fetch_raw(settings)
+    data.prepare(settings)
+    result = training.run(settings)
+
+    models, reports = settings.path("models"), settings.path("reports")
+    for path in [models / "model.pt", models / "model.onnx", models / "train_run.json",
+                 models / "meta.json", models / "classmap.csv", reports / "train" / "history.csv",
+                 reports / "train" / "metrics.json", reports / "figures" / "training_curves.png",
+                 reports / "figures" / "augmented_samples.png"]:
+        assert path.is_file() and path.stat().st_size > 0, path
+    metrics = json.loads((reports / "train" / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and metrics["n_train"] == 49 * 4 and metrics["num_classes"] == 49
+    history = (reports / "train" / "history.csv").read_text().splitlines()
+    assert history[0] == "epoch,train_loss,val_loss,val_accuracy,val_balanced_accuracy,lr,seconds"
+    assert len(history) == 3
+    model, meta = training.load_bundle(models / "model.pt")
+    assert meta["classes"][0] == "あ" and meta["model"]["num_classes"] == 49
+
+    run_info = json.loads((models / "train_run.json").read_text())
+    assert run_info["run_id"] == result["run_id"]
+    client = mlflow.MlflowClient(run_info["tracking_uri"])
+    run = client.get_run(run_info["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_balanced_accuracy")] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"onnx", "reports", "figures"} <= artifacts
+    # MLflow 3 keeps the PyTorch model as a LoggedModel linked to the run, not as a run artifact.
+    assert result["model_uri"].startswith("models:/")
+    logged = mlflow.get_logged_model(result["model_uri"].removeprefix("models:/"))
+    assert logged.source_run_id == run.info.run_id
+    # A finished stage leaves no checkpoint behind: the next run trains afresh.
+    assert not (settings.path("checkpoints") / training.CHECKPOINT_FILE).exists()
