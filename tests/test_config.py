@@ -34,7 +34,7 @@ def test_every_profile_validates():
 
 def test_profile_overlays_only_named_keys(tmp_path):
     settings = load_settings(_write(tmp_path, lambda p: p.update(profile="quick")))
-    assert settings.train.epochs == 6  # from the quick overlay
+    assert settings.train.epochs == 5  # from the quick overlay
     assert settings.train.optimizer == "sgd"  # untouched base value
     assert settings.root == tmp_path
     assert settings.path("models") == tmp_path / "models"

@@ -1,0 +1,162 @@
+"""Package stage: put the MLflow registry's champion into the BentoML model store for ``service.py``.
+
+The BentoML model holds exactly what serving needs (``model.onnx``, ``classmap.csv``, ``meta.json``)
+and records where it came from (registry model name and version, test metrics, dataset), so a bento and
+its container never need MLflow. Importing is idempotent: when the store's latest model of that name
+already holds the same registry version, it is reused and nothing is written to the store.
+
+CLI: ``python -m pipeline.bento import`` (the ``package`` DVC stage), and
+``python -m pipeline.bento store --onnx F --classmap F --meta F --registry-version V`` to package local
+files without MLflow (tests, benchmarks, air-gapped hosts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import bentoml
+
+from pipeline.config import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+MODEL_FILES = ("model.onnx", "classmap.csv", "meta.json")  # the service reads these names
+REPORT_FILE = "bento_model.json"  # under paths.reports (DVC out of the package stage)
+LABEL_REGISTRY_VERSION = "registry_version"
+
+
+class PackageError(RuntimeError):
+    """The champion's files are missing or invalid; the message says which and what to do."""
+
+
+def import_champion(settings: Settings) -> str:
+    """Copy the registry champion into the BentoML model store; return the model tag (``name:version``)."""
+    from pipeline import registry  # MLflow is only needed here, not by the service
+
+    with tempfile.TemporaryDirectory(prefix="champion-") as tmp:
+        champion = registry.champion_artifacts(settings, Path(tmp))
+        tag = store_model(
+            settings,
+            onnx_path=Path(champion["onnx"]),
+            classmap_path=Path(champion["classmap"]),
+            meta_path=Path(champion["meta"]),
+            registry_version=str(champion["version"]),
+            metrics=champion.get("metrics") or {},
+        )
+    write_report(settings, tag)
+    return tag
+
+
+def store_model(
+    settings: Settings,
+    *,
+    onnx_path: Path,
+    classmap_path: Path,
+    meta_path: Path,
+    registry_version: str,
+    metrics: Mapping[str, Any],
+) -> str:
+    """Save the three serving files as BentoML model ``serve.bento_model``, or reuse the stored one.
+
+    Reuses the store's latest model when it already carries ``registry_version``; otherwise creates a new
+    model version (BentoML writes it to a temp dir and moves it into the store only when complete).
+    """
+    sources = dict(zip(MODEL_FILES, (Path(onnx_path), Path(classmap_path), Path(meta_path)), strict=True))
+    missing = [str(path) for path in sources.values() if not path.is_file()]
+    if missing:
+        raise PackageError(f"cannot package the model: missing {', '.join(missing)} (the registry champion's "
+                           "onnx/ artifact folder must hold model.onnx, classmap.csv and meta.json)")
+    try:
+        meta = json.loads(sources["meta.json"].read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PackageError(f"{sources['meta.json']}: not valid JSON ({exc})") from None
+    name = settings.serve.bento_model
+    latest = latest_model(name)
+    if latest is not None and latest.info.labels.get(LABEL_REGISTRY_VERSION) == registry_version:
+        log.info("BentoML model %s already holds registry version %s: reused", latest.tag, registry_version)
+        return str(latest.tag)
+    dataset = str(meta.get("dataset", settings.data.dataset))
+    labels = {
+        LABEL_REGISTRY_VERSION: registry_version,
+        "registry_model": settings.registry.model_name,
+        "dataset": dataset,
+    }
+    metadata = {
+        "registry_model": settings.registry.model_name,
+        "registry_version": registry_version,
+        "dataset": dataset,
+        "num_classes": _count_rows(sources["classmap.csv"]),
+        "metrics": {key: float(value) for key, value in metrics.items()},
+        "run_id": str(meta.get("run_id") or ""),  # BentoML metadata refuses None
+    }
+    with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
+        for file_name, source in sources.items():
+            shutil.copyfile(source, model.path_of(file_name))
+    log.info("saved BentoML model %s (registry version %s)", model.tag, registry_version)
+    return str(model.tag)
+
+
+def latest_model(name: str) -> Any | None:
+    """The most recently created model called ``name`` in the BentoML store, or None."""
+    try:
+        models = bentoml.models.list(name)
+    except bentoml.exceptions.NotFound:  # no model of that name yet
+        return None
+    return max(models, key=lambda model: model.info.creation_time) if models else None
+
+
+def write_report(settings: Settings, tag: str) -> Path:
+    """``reports/bento_model.json``: the stored tag and the registry version it holds."""
+    model = bentoml.models.get(tag)
+    path = settings.path("reports") / REPORT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "tag": tag,
+        "registry_model": model.info.metadata.get("registry_model"),
+        "registry_version": model.info.labels.get(LABEL_REGISTRY_VERSION),
+        "dataset": model.info.metadata.get("dataset"),
+        "metrics": model.info.metadata.get("metrics", {}),
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)  # never a half-written report
+    return path
+
+
+def _count_rows(classmap_path: Path) -> int:
+    lines = classmap_path.read_text(encoding="utf-8").splitlines()
+    return sum(1 for line in lines[1:] if line.strip())  # minus the header
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bento", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=None, help="params.yaml to use (default: the project's)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("import", help="registry champion -> BentoML model store (package stage)")
+    store = commands.add_parser("store", help="local model.onnx/classmap.csv/meta.json -> BentoML model store")
+    store.add_argument("--onnx", type=Path, required=True)
+    store.add_argument("--classmap", type=Path, required=True)
+    store.add_argument("--meta", type=Path, required=True)
+    store.add_argument("--registry-version", required=True, help="version label recorded with the model")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = load_settings(args.params)
+    if args.command == "import":
+        tag = import_champion(settings)
+    else:
+        tag = store_model(settings, onnx_path=args.onnx, classmap_path=args.classmap, meta_path=args.meta,
+                          registry_version=args.registry_version, metrics={})
+    print(tag)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""End to end: a real `bentoml serve` on 127.0.0.1 serving a SpinalVGG trained seconds on rendered glyphs.
+
+One server per module: the model is trained, exported to ONNX, imported into a BentoML store under
+tmp (BENTOML_HOME) with ``python -m pipeline.bento store`` and served; every test talks HTTP to it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.data import OFFICIAL_CLASSMAPS
+from pipeline.export import export_onnx
+from pipeline.model import SpinalVGG
+from pipeline.synthetic import render_glyph
+from tests import bad_inputs
+from tests.support import PROJECT_ROOT, background_process, free_port
+
+pytestmark = pytest.mark.slow
+
+TRAIN_CLASSES = 10  # the first K49 classes: あ い う え お か き く け こ
+PER_CLASS = 40
+EPOCHS = 5
+TOP_K = 3
+MAX_BATCH_IMAGES = 8  # small, so "too many images" is cheap to send
+MAX_UPLOAD_BYTES = 1_000_000
+
+
+def _train_model(out: Path) -> list[str]:
+    """A SpinalVGG fitted for a few seconds on rendered glyphs; writes the three serving files."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    chars = list(OFFICIAL_CLASSMAPS["k49"].chars[:TRAIN_CLASSES])
+    codepoints = list(OFFICIAL_CLASSMAPS["k49"].codepoints[:TRAIN_CLASSES])
+    labels = np.repeat(np.arange(TRAIN_CLASSES), PER_CLASS)
+    images = np.stack([render_glyph(chars[label], rng) for label in labels])
+    x = torch.from_numpy(images.astype(np.float32)[:, None])
+    y = torch.from_numpy(labels)
+    mean, std = float(x.mean() / 255), float(x.std() / 255)
+    model = SpinalVGG(TRAIN_CLASSES, spinal_width=32, dropout=0.1, pixel_mean=mean, pixel_std=std)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(EPOCHS):
+        model.train()
+        for batch in torch.randperm(len(y)).split(32):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+    model.eval()
+    export_onnx(model, out / "model.onnx", images[:4].astype(np.float32)[:, None])
+    rows = [f"{i},{cp},{ch}" for i, (cp, ch) in enumerate(zip(codepoints, chars, strict=True))]
+    (out / "classmap.csv").write_text("index,codepoint,char\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    (out / "meta.json").write_text(json.dumps({"dataset": "synthetic", "run_id": "test"}), encoding="utf-8")
+    return chars
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("service")
+    chars = _train_model(work)
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params["serve"].update(max_batch_images=MAX_BATCH_IMAGES, max_upload_bytes=MAX_UPLOAD_BYTES, top_k=TOP_K)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    env = {"BENTOML_HOME": str(work / "bentoml"), "KUZUSHIJI_PARAMS": str(work / "params.yaml"),
+           "BENTOML_DO_NOT_TRACK": "True"}
+    store = subprocess.run(
+        [sys.executable, "-m", "pipeline.bento", "store", "--onnx", str(work / "model.onnx"),
+         "--classmap", str(work / "classmap.csv"), "--meta", str(work / "meta.json"), "--registry-version", "7"],
+        cwd=PROJECT_ROOT, env={**os.environ, **env}, capture_output=True, text=True, check=True,
+    )
+    tag = store.stdout.strip().splitlines()[-1]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    bentoml_cli = str(Path(sys.executable).with_name("bentoml"))
+    with background_process(
+        [bentoml_cli, "serve", "service:Kuzushiji", "--host", "127.0.0.1", "--port", str(port)],
+        ready_url=f"{url}/readyz", env=env, cwd=PROJECT_ROOT, log_path=work / "serve.log",
+    ) as process:
+        with httpx.Client(base_url=url, timeout=60.0) as client:
+            yield {"client": client, "chars": chars, "tag": tag, "process": process, "env": env, "work": work}
+
+
+def _png(char: str) -> bytes:
+    return bad_inputs.scan_png(char)
+
+
+def test_predict_returns_the_documented_shape(server):
+    response = server["client"].post("/predict", files={"image": ("a.png", _png("あ"), "image/png")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"model_version", "predictions"}
+    assert body["model_version"] == "7"
+    assert response.headers["x-model-version"] == "7"
+    assert response.headers["x-bento-model"] == server["tag"]
+    predictions = body["predictions"]
+    assert len(predictions) == TOP_K  # serve.top_k from the params file
+    for item in predictions:
+        assert set(item) == {"index", "char", "codepoint", "probability"}
+        assert server["chars"][item["index"]] == item["char"]
+        assert item["codepoint"] == f"U+{ord(item['char']):04X}"
+    probabilities = [item["probability"] for item in predictions]
+    assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1.0 + 1e-6
+
+
+def test_top_k_option(server):
+    response = server["client"].post("/predict", files={"image": ("a.png", _png("い"), "image/png")},
+                                     data={"top_k": "1"})
+    assert response.status_code == 200 and len(response.json()["predictions"]) == 1
+    everything = server["client"].post("/predict", files={"image": ("a.png", _png("い"), "image/png")},
+                                       data={"top_k": str(TRAIN_CLASSES)}).json()["predictions"]
+    assert sorted(item["index"] for item in everything) == list(range(TRAIN_CLASSES))
+    assert sum(item["probability"] for item in everything) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_trained_classes_come_back_in_the_top_k(server):
+    hits = []
+    for index, char in enumerate(server["chars"]):
+        body = server["client"].post("/predict", files={"image": (f"{char}.png", _png(char), "image/png")}).json()
+        hits.append(index in [item["index"] for item in body["predictions"]])
+    # A drawing at another scale and stroke width than the training renders: most must be recognised.
+    assert sum(hits) >= TRAIN_CLASSES - 2, hits
+    assert hits[0], "あ, a class used in training, is not in the top-k"
+
+
+def test_predict_batch_agrees_with_predict(server):
+    client = server["client"]
+    chars = server["chars"][:4]
+    files = [("images", (f"{c}.png", _png(c), "image/png")) for c in chars]
+    batch = client.post("/predict_batch", files=files, data={"top_k": "4"})
+    assert batch.status_code == 200, batch.text
+    body = batch.json()
+    assert body["model_version"] == "7" and batch.headers["x-model-version"] == "7"
+    assert [result["filename"] for result in body["results"]] == [f"{c}.png" for c in chars]
+    for char, result in zip(chars, body["results"], strict=True):
+        single = client.post("/predict", files={"image": ("x.png", _png(char), "image/png")},
+                             data={"top_k": "4"}).json()["predictions"]
+        assert [p["index"] for p in single] == [p["index"] for p in result["predictions"]]
+        np.testing.assert_allclose([p["probability"] for p in single],
+                                   [p["probability"] for p in result["predictions"]], atol=1e-5)
+
+
+def test_predict_batch_accepts_base64_json(server):
+    chars = server["chars"][:2]
+    payload = {"images_base64": [base64.b64encode(_png(c)).decode() for c in chars], "top_k": 2}
+    response = server["client"].post("/predict_batch", json=payload)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == 2 and all(r["filename"] is None and len(r["predictions"]) == 2 for r in results)
+
+
+@pytest.mark.parametrize("name", sorted(bad_inputs.ODD_BUT_VALID))
+def test_unusual_images_are_classified(server, name):
+    response = server["client"].post(
+        "/predict", files={"image": ("odd", bad_inputs.ODD_BUT_VALID[name]("あ"), "application/octet-stream")}
+    )
+    assert response.status_code == 200, f"{name}: {response.text}"
+    assert len(response.json()["predictions"]) == TOP_K
+
+
+def test_bad_requests_get_clear_4xx_errors_and_the_server_keeps_serving(server):
+    client = server["client"]
+    corpus = bad_inputs.bad_requests(_png("あ"), MAX_UPLOAD_BYTES, MAX_BATCH_IMAGES)
+    assert len(corpus) >= 20
+    failures = []
+    for bad in corpus:
+        response = bad.send(client)
+        try:
+            error = response.json()["error"]
+            ok = (response.status_code == bad.expect_status and bad.expect_phrase.lower() in error["message"].lower()
+                  and error["code"])
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            failures.append(f"{bad.name}: HTTP {response.status_code} {response.text[:300]}")
+        assert response.headers.get("x-model-version") == "7"
+    assert not failures, "\n".join(failures)
+    assert server["process"].poll() is None
+    still = client.post("/predict", files={"image": ("a.png", _png("あ"), "image/png")})
+    assert still.status_code == 200
+
+
+def test_requests_leave_nothing_on_disk(server):
+    home = Path(server["env"]["BENTOML_HOME"])
+    before = sorted(str(p) for p in home.rglob("*"))
+    tmp_before = set(os.listdir("/tmp")) if os.path.isdir("/tmp") else set()
+    for _ in range(3):
+        server["client"].post("/predict", files={"image": ("a.png", _png("う"), "image/png")})
+        server["client"].post("/predict_batch", files=[("images", ("a.png", _png("う"), "image/png"))] * 3)
+    assert sorted(str(p) for p in home.rglob("*")) == before
+    assert not {name for name in set(os.listdir("/tmp")) - tmp_before if "bentoml" in name.lower()}
+
+
+def test_ops_endpoints(server):
+    client = server["client"]
+    assert client.get("/livez").status_code == 200
+    assert client.get("/readyz").status_code == 200
+    version = client.get("/version")
+    assert version.status_code == 200
+    info = version.json()
+    assert info["registry_version"] == "7" and info["bento_model"] == server["tag"]
+    assert info["num_classes"] == TRAIN_CLASSES and info["dataset"] == "synthetic"
+    client.post("/predict", files={"image": ("a.png", _png("え"), "image/png")})
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200
+    text = metrics.text
+    assert "bentoml_service_request_duration_seconds" in text
+    assert "kuzushiji_images_total" in text and "kuzushiji_request_images" in text
+    assert "adaptive_batch_size" in text  # the engine's batch-size histogram
+    docs = client.get("/docs.json").json()
+    assert "/predict" in docs["paths"] and "/predict_batch" in docs["paths"]
+
+
+def test_bento_builds_without_mlflow_or_torch(server, tmp_path):
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("bentoml")), "build", "--output", "tag"],
+        cwd=PROJECT_ROOT, env={**os.environ, **server["env"]}, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    bentos = list((Path(server["env"]["BENTOML_HOME"]) / "bentos").rglob("bento.yaml"))
+    assert bentos
+    manifest = yaml.safe_load(bentos[0].read_text(encoding="utf-8"))
+    packed_models = {m["tag"] for svc in manifest["services"] for m in svc.get("models", [])}
+    assert packed_models == {server["tag"]}  # both services reference the one stored model
+    src = bentos[0].parent / "src"
+    packed = sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
+    assert "service.py" in packed and "pipeline/imaging.py" in packed and "params.yaml" in packed
+    assert not any(name.startswith(("pipeline/train", "pipeline/model", "tests/")) for name in packed)
+    requirements = (bentos[0].parent / "env" / "python" / "requirements.txt").read_text(encoding="utf-8")
+    assert "onnxruntime==" in requirements and "torch" not in requirements and "mlflow" not in requirements
