@@ -148,6 +148,7 @@ class TuneSettings(_Section):
     storage: str | None = None
     pruner_startup_trials: NonNegInt = 4
     pruner_warmup_epochs: NonNegInt = 2
+    heartbeat_s: PositiveInt = 60
     search_space: dict[str, SearchDimension] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -190,7 +191,7 @@ class ServeSettings(_Section):
     max_pixels: PositiveInt = 16_000_000
     max_batch_images: PositiveInt = 64
     max_batch_size: PositiveInt = 64
-    max_latency_ms: PositiveInt = 20
+    max_latency_ms: PositiveInt = 2000
     request_timeout_s: PositiveInt = 30
     threads: PositiveInt = 2
 
