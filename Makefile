@@ -12,8 +12,10 @@ DATASET ?= k49
 # The full GPU recipe for real data; the CPU-sized profile for the offline synthetic demo.
 PROFILE ?= $(if $(filter synthetic,$(DATASET)),quick,full)
 PYTEST_ARGS ?=
+HOST ?= 127.0.0.1
+PORT ?= 3000
 
-.PHONY: help venv run test lock mlflow-ui serve container
+.PHONY: help venv run test lock mlflow-ui serve bento container
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -40,6 +42,12 @@ lock: ## re-pin requirements.lock from the current .venv
 mlflow-ui: $(STAMP) ## MLflow UI on the embedded store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow/mlflow.db}" \
 	  --host 127.0.0.1 --port 5000
+
+serve: $(STAMP) ## serve the champion model with BentoML (http://$(HOST):$(PORT))
+	$(BIN)/bentoml serve service:Kuzushiji --host $(HOST) --port $(PORT)
+
+bento: $(STAMP) ## build the bento (service + champion model + serving deps only)
+	$(BIN)/bentoml build
 
 CONTAINER_ARGS ?=
 container: $(STAMP) ## build the serving image (bentoml containerize), run it, check real answers
