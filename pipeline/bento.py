@@ -25,6 +25,7 @@ from typing import Any
 import bentoml
 
 from pipeline.config import Settings, load_settings
+from pipeline.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,6 @@ def write_report(settings: Settings, tag: str) -> Path:
     """``reports/bento_model.json``: the stored tag and the registry version it holds."""
     model = bentoml.models.get(tag)
     path = settings.path("reports") / REPORT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "tag": tag,
         "registry_model": model.info.metadata.get("registry_model"),
@@ -125,10 +125,7 @@ def write_report(settings: Settings, tag: str) -> Path:
         "dataset": model.info.metadata.get("dataset"),
         "metrics": model.info.metadata.get("metrics", {}),
     }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)  # never a half-written report
-    return path
+    return write_json(path, report, sort_keys=True)
 
 
 def _count_rows(classmap_path: Path) -> int:

@@ -19,14 +19,11 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 import time
 import zipfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import DownloadSettings, Settings
+from pipeline.files import FILE_MODE, atomic_path, remove_stale_parts, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +55,6 @@ MAX_MEAN_PIXEL = 127.5
 SAMPLE_GRID_MAX_CLASSES = 64  # the data_samples figure shows one image for each of the first N classes
 HASH_CHUNK_BYTES = 1 << 20
 ZIP_TIMESTAMP = (1980, 1, 1, 0, 0, 0)  # fixed, so equal arrays give byte-identical .npz files
-FILE_MODE = 0o644
-TEMP_SUFFIX = ".part"  # hidden '.<name>.<random>.part' files: never read as data, removed on the next run
 # Retrying these HTTP statuses may help (server busy or failing); other errors will not change.
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
@@ -169,42 +165,6 @@ def md5_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success fsync it and rename it over ``path``.
-
-    On any error the temporary file is removed, so ``path`` holds either its old content or the complete
-    new one, never a partial file. A killed process leaves only a hidden ``.<name>.*.part`` file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    os.close(fd)
-    temp = Path(name)
-    try:
-        yield temp
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(temp, FILE_MODE)
-        os.replace(temp, path)
-        _fsync_dir(path.parent)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def _remove_stale_parts(folder: Path, name: str) -> None:
-    for stale in folder.glob(f".{name}.*{TEMP_SUFFIX}"):
-        stale.unlink(missing_ok=True)
-
-
 def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
     """Write arrays to a compressed ``.npz`` atomically; equal arrays give byte-identical files."""
     with atomic_path(path) as temp, zipfile.ZipFile(temp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -216,15 +176,6 @@ def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
                 np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
     return Path(path)
 
-
-def _write_text(path: Path, text: str) -> Path:
-    with atomic_path(path) as temp:
-        temp.write_bytes(text.encode("utf-8"))
-    return Path(path)
-
-
-def _write_json(path: Path, payload: Mapping[str, Any]) -> Path:
-    return _write_text(path, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
 
 
 def _copy_file(source: Path, target: Path) -> Path:
@@ -267,7 +218,7 @@ def download_files(
     ) as client:
         for name, md5 in expected.items():
             target = dest_dir / name
-            _remove_stale_parts(dest_dir, name)  # left by a killed run; never accepted, never reused
+            remove_stale_parts(dest_dir, name)  # left by a killed run; never accepted, never reused
             if target.is_file():
                 if md5_of(target) == md5.lower():
                     logger.info("%s: already present with the expected MD5, not downloaded again", target)
@@ -425,7 +376,7 @@ def write_classmap(classmap: ClassMap, path: Path) -> Path:
     lines = [",".join(CLASSMAP_HEADER)]
     rows = zip(classmap.codepoints, classmap.chars, strict=True)
     lines += [f"{index},{codepoint},{char}" for index, (codepoint, char) in enumerate(rows)]
-    return _write_text(path, "\n".join(lines) + "\n")
+    return write_text(path, "\n".join(lines) + "\n")
 
 
 def read_npz_array(path: Path, key: str = NPZ_KEY) -> np.ndarray:
@@ -590,7 +541,7 @@ def fetch_raw(settings: Settings) -> Path:
         "n_test": len(loaded.test),
         "n_classes": len(loaded.classmap),
     }
-    _write_json(manifest_path, manifest)
+    write_json(manifest_path, manifest)
     logger.info("raw data ready in %s: %s", raw, {k: v for k, v in manifest.items() if k != "files"})
     return raw
 
@@ -686,7 +637,7 @@ def prepare(settings: Settings) -> dict[str, Any]:
     write_classmap(classmap, prepared / CLASSMAP_NAME)
     split_counts = {split: np.bincount(part.labels, minlength=n_classes) for split, part in splits.items()}
     pixel_mean, pixel_std = _pixel_stats(splits["train"].images)
-    _write_json(
+    write_json(
         prepared / STATS_NAME,
         {
             "pixel_mean": pixel_mean,
@@ -709,12 +660,12 @@ def prepare(settings: Settings) -> dict[str, Any]:
         "imbalance_ratio": round(float(train_counts.max() / train_counts.min()), 4),
     }
     reports = settings.path("reports")
-    _write_json(reports / SUMMARY_REPORT, summary)
+    write_json(reports / SUMMARY_REPORT, summary)
     rows = ["index,char,train,val"] + [
         f"{index},{char},{train_counts[index]},{split_counts['val'][index]}"
         for index, char in enumerate(classmap.chars)
     ]
-    _write_text(reports / CLASS_COUNTS_REPORT, "\n".join(rows) + "\n")
+    write_text(reports / CLASS_COUNTS_REPORT, "\n".join(rows) + "\n")
     _save_samples(splits["train"], classmap, reports / SAMPLES_FIGURE, settings.seed)
     logger.info("prepared %s: %s", prepared, summary)
     return summary

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from pipeline.config import Settings
+from pipeline.files import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def run(settings: Settings) -> dict[str, Any]:
 
     reports = settings.path("reports")
     eval_dir, figures_dir = reports / EVAL_DIR, reports / FIGURES_DIR
-    metrics_path = _write_json(eval_dir / METRICS_FILE, summary)
+    metrics_path = write_json(eval_dir / METRICS_FILE, summary)
     per_class_path = _write_csv(eval_dir / PER_CLASS_FILE, pd.DataFrame({
         "index": np.arange(num_classes), "char": chars, "recall": np.round(recall, METRIC_DIGITS),
         "support": support,
@@ -285,17 +285,9 @@ def read_train_run(path: Path) -> str:
     return run_id
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def _write_csv(path: Path, frame: pd.DataFrame) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=False, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as temp:
+        frame.to_csv(temp, index=False, encoding="utf-8")
     return path

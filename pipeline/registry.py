@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_
 
 from pipeline import tracking
 from pipeline.config import Settings
+from pipeline.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def run(settings: Settings) -> dict[str, Any]:
             "dataset": base_tags[tracking.TAG_DATASET],
             "tracking_uri": tracking.tracking_uri(settings),
         }
-        _write_json(settings.path("reports") / REPORT_FILE, report)
+        write_json(settings.path("reports") / REPORT_FILE, report)
         client.set_model_version_tag(name, number, TAG_STATUS, STATUS_READY)
     except BaseException as exc:
         _roll_back(client, name, number, undo, exc)
@@ -280,9 +280,3 @@ def _fmt(value: float) -> str:
     return repr(float(value))
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path

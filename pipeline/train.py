@@ -36,6 +36,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from pipeline.config import Settings, TrainSettings
+from pipeline.files import write_json
 from pipeline.model import IMAGE_SIDE, SpinalVGG, build_model, count_parameters
 from pipeline.transforms import BatchAugment
 
@@ -586,7 +587,7 @@ def run(settings: Settings) -> dict[str, Any]:
 
     with tracking.start_run(settings, "train", run_id=resume_id) as active:
         run_id = active.info.run_id
-        _write_json(run_marker, {"run_id": run_id, "fingerprint": run_fingerprint})
+        write_json(run_marker, {"run_id": run_id, "fingerprint": run_fingerprint})
         if resume_id is None:  # params are immutable in MLflow: a resumed run already has them
             tracking.log_settings(settings)
             tracking.log_dataset(settings, {"train": len(train.labels), "val": len(val.labels)})
@@ -631,11 +632,11 @@ def run(settings: Settings) -> dict[str, Any]:
         bundle_path = save_bundle(models_dir / BUNDLE_FILE, result.model, meta)
         example = val.images[:ONNX_EXAMPLE_IMAGES].astype(np.float32)[:, None]
         onnx_path = export.export_onnx(result.model, models_dir / ONNX_FILE, example)
-        _write_json(models_dir / META_FILE, meta)
+        write_json(models_dir / META_FILE, meta)
         shutil.copyfile(classmap_path, models_dir / CLASSMAP_FILE)
 
         history_path = _write_history(reports_dir / "train" / "history.csv", result.history)
-        metrics_path = _write_json(reports_dir / "train" / "metrics.json", summary)
+        metrics_path = write_json(reports_dir / "train" / "metrics.json", summary)
         curves = plot_training_curves(result.history, result.best_epoch,
                                       reports_dir / "figures" / "training_curves.png")
         samples = plot_augmented_samples(settings, train, list(classmap.chars),
@@ -647,7 +648,7 @@ def run(settings: Settings) -> dict[str, Any]:
         model_uri = tracking.log_model(result.model, onnx_path, example, models_dir)
         run_info = {"run_id": run_id, "experiment_id": active.info.experiment_id,
                     "tracking_uri": tracking.tracking_uri(settings)}
-        _write_json(models_dir / RUN_FILE, run_info)
+        write_json(models_dir / RUN_FILE, run_info)
 
     # Finished and recorded: a later run (e.g. after a code change) must train afresh, not resume.
     checkpoint.unlink(missing_ok=True)
@@ -673,12 +674,6 @@ def _log_artifacts(paths: Sequence[Path], artifact_path: str) -> None:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def _write_history(path: Path, history: Sequence[EpochMetrics]) -> Path:
