@@ -1,0 +1,117 @@
+"""The ``pipeline`` flow: the whole pipeline through DVC, so a deployment run leaves the same record as
+``make run`` (dvc.lock, an experiment ref) and every stage still appears as its own flow run.
+
+It runs ``dvc exp run -S data.dataset=... -S profile=...`` rather than editing params.yaml and calling
+``dvc repro``: DVC then writes the values itself (comments kept), records them in dvc.lock and keeps the
+run as a named experiment (``dvc exp show``), and it is the same command as ``make run``. Values are
+validated before DVC touches params.yaml, so a bad parameter changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from flows.stages import PARENT_RUN_ENV
+from pipeline.config import load_settings
+
+# The checkout this file belongs to (a deployment's pull step makes it the working directory).
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+PARAMS_FILE = "params.yaml"
+
+
+class PipelineError(RuntimeError):
+    """DVC failed; the message carries the tail of its output."""
+
+
+def dvc_set_args(dataset: str | None, profile: str | None, set_params: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``-S key=value`` assignments of one run (None = keep params.yaml's value)."""
+    values: dict[str, Any] = dict(set_params or {})
+    if dataset is not None:
+        values["data.dataset"] = dataset
+    if profile is not None:
+        values["profile"] = profile
+    return values
+
+
+def validate_assignments(project_dir: Path, values: dict[str, Any]) -> None:
+    """Load params.yaml with ``values`` applied (profile overlay included) or raise ConfigError."""
+    raw = yaml.safe_load((project_dir / PARAMS_FILE).read_text(encoding="utf-8"))
+    for dotted, value in values.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    with tempfile.TemporaryDirectory() as folder:
+        candidate = Path(folder) / PARAMS_FILE
+        candidate.write_text(yaml.safe_dump(raw), encoding="utf-8")
+        load_settings(candidate)
+
+
+def _stream(command: list[str], cwd: Path, env: dict[str, str]) -> list[str]:
+    logger = get_run_logger()
+    lines: list[str] = []
+    with subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            line = line.rstrip()
+            lines.append(line)
+            logger.info("%s", line)
+    if process.returncode != 0:
+        tail = "\n".join(lines[-40:])
+        raise PipelineError(f"`{' '.join(command)}` failed with exit code {process.returncode}:\n{tail}")
+    return lines
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(
+    dataset: str | None = None,
+    profile: str | None = None,
+    set_params: dict[str, Any] | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Run every stage that is out of date through ``dvc exp run`` and return the key results.
+
+    ``dataset`` (k49 | kmnist | local | synthetic) and ``profile`` (full | quick) set those params; more
+    ``set_params`` (dotted key -> value) are passed as extra ``-S``; ``force`` re-runs every stage.
+    """
+    logger = get_run_logger()
+    values = dvc_set_args(dataset, profile, set_params)
+    validate_assignments(PROJECT_DIR, values)
+    command = [sys.executable, "-m", "dvc", "exp", "run"]
+    for key, value in values.items():
+        command += ["-S", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    if force:
+        command.append("--force")
+    env = {
+        **os.environ,
+        # Stage commands say `python`: make it this interpreter whatever PATH the worker has.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        PARENT_RUN_ENV: str(flow_run.get_id() or ""),
+    }
+    logger.info("running %s in %s", " ".join(command), PROJECT_DIR)
+    _stream(command, PROJECT_DIR, env)
+    settings = load_settings(PROJECT_DIR / PARAMS_FILE)
+    reports = settings.path("reports")
+    return {
+        "params": values,
+        "eval": _read_json(reports / "eval" / "metrics.json"),
+        "registry": _read_json(reports / "registry.json"),
+        "bento_model": _read_json(reports / "bento_model.json"),
+    }

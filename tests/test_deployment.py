@@ -1,0 +1,83 @@
+"""The deployment path end to end: work pool, `prefect deploy --all` from prefect.yaml, a process worker,
+`prefect deployment run` of the pipeline flow (which drives `dvc exp run`) in a temporary copy of the
+repository, then the MLflow run, the registered model version and the DVC record are checked."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import mlflow
+import pytest
+
+from tests.prefect_server import VENV_BIN, client_env, copy_project, flow_runs, prefect_api  # noqa: F401
+from tests.support import background_process
+
+pytestmark = pytest.mark.slow
+POOL = "kuzushiji-process"  # the work pool prefect.yaml names
+DEPLOYMENT = "pipeline/dvc-pipeline"
+RUN_TIMEOUT_S = 1800
+CLI_TIMEOUT_S = 300
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _prefect(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    result = subprocess.run([str(VENV_BIN / "prefect"), *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=CLI_TIMEOUT_S)
+    assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def _wait_for(api_url: str, flow_run_id: str, worker_log: Path) -> dict:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        run = httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=30).json()
+        if run["state_type"] in TERMINAL:
+            return run
+        time.sleep(5)
+    raise AssertionError(f"flow run {flow_run_id} not finished in {RUN_TIMEOUT_S}s; worker log:\n"
+                         f"{worker_log.read_text(errors='replace')[-5000:]}")
+
+
+def test_deployed_pipeline_runs_on_a_process_worker(prefect_api: str, tmp_path: Path) -> None:
+    # No tuning trials here (test_tune.py covers the study): the tune stage writes empty best params.
+    project = copy_project(tmp_path / "project", {"profiles.quick.tune.n_trials": 0})
+    env = client_env(prefect_api, tmp_path / "prefect-home", BENTOML_HOME=str(tmp_path / "bentoml"))
+    env.pop("KUZUSHIJI_PARAMS", None)
+
+    _prefect(["work-pool", "create", POOL, "--type", "process"], project, env)
+    _prefect(["--no-prompt", "deploy", "--all"], project, env)
+    worker_log = tmp_path / "worker.log"
+    with background_process([str(VENV_BIN / "prefect"), "worker", "start", "--pool", POOL], env=env,
+                            cwd=tmp_path, log_path=worker_log):
+        out = _prefect(["deployment", "run", DEPLOYMENT, "-p", "dataset=synthetic", "-p", "profile=quick"],
+                       project, env)
+        flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
+        run = _wait_for(prefect_api, flow_run_id, worker_log)
+    assert run["state_type"] == "COMPLETED", (run["state"], worker_log.read_text(errors="replace")[-5000:])
+
+    # Each DVC stage ran as its own flow run, tagged with the deployment's run.
+    stages = flow_runs(prefect_api, "stage", tags={"all_": [f"pipeline-run:{flow_run_id}"]})
+    assert sorted(r["name"] for r in stages) == sorted(
+        ["download", "prepare", "tune", "train", "evaluate", "register", "package"])
+    assert {r["state_type"] for r in stages} == {"COMPLETED"}
+
+    # The MLflow run and the registered model version exist in the copy's store.
+    store = f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)  # not this process's global URIs
+    train_run = json.loads((project / "models" / "train_run.json").read_text())
+    assert client.get_run(train_run["run_id"]).info.status == "FINISHED"
+    registry = json.loads((project / "reports" / "registry.json").read_text())
+    version = client.get_model_version(registry["model_name"], str(registry["version"]))
+    assert version.run_id == train_run["run_id"]
+
+    # DVC is the record: dvc.lock is written and the workspace is up to date.
+    assert (project / "dvc.lock").is_file()
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=project, env=env, capture_output=True,
+                            text=True, timeout=CLI_TIMEOUT_S)
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr

@@ -1,0 +1,74 @@
+"""`python -m flows ...` against a real Prefect server: stages become flow runs with their task runs and
+the domain package's logs; a failing stage leaves a failed flow run with the reason and a non-zero exit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.prefect_server import client_env, flow_runs, prefect_api, run_module, write_tiny_params  # noqa: F401
+from tests.support import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+STAGE_TIMEOUT_S = 600
+
+
+def _task_runs(api_url: str, flow_run_id: str) -> list[dict]:
+    body = {"flow_runs": {"id": {"any_": [flow_run_id]}}}
+    response = httpx.post(f"{api_url}/task_runs/filter", json=body, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def _logs(api_url: str, flow_run_id: str) -> list[dict]:
+    body = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}
+    response = httpx.post(f"{api_url}/logs/filter", json=body, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def test_stages_run_as_tagged_flow_runs_with_progress_logs(prefect_api: str, tmp_path: Path) -> None:
+    params = write_tiny_params(tmp_path / "project")
+    env = client_env(prefect_api, tmp_path / "home", KUZUSHIJI_PARAMS=str(params),
+                     KUZUSHIJI_PIPELINE_FLOW_RUN="parent-123")
+    for stage in ("download", "prepare"):
+        result = run_module(["flows", stage], env, PROJECT_ROOT, STAGE_TIMEOUT_S)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    runs = flow_runs(prefect_api, tags={"all_": ["pipeline-run:parent-123"]})
+    assert sorted(run["name"] for run in runs) == ["download", "prepare"]
+    assert {run["state_type"] for run in runs} == {"COMPLETED"}
+    for run in runs:
+        assert [task["name"].rsplit("-", 1)[0] for task in _task_runs(prefect_api, run["id"])] == [run["name"]]
+    (prepare_run,) = [run for run in runs if run["name"] == "prepare"]
+    # prefect.toml attaches the `pipeline` loggers, so the domain code's progress is in the run log.
+    assert any(log["name"].startswith("pipeline.") for log in _logs(prefect_api, prepare_run["id"]))
+    assert (tmp_path / "project" / "data" / "prepared" / "train.npz").is_file()
+    assert (tmp_path / "project" / "reports" / "data" / "summary.json").is_file()
+
+
+def test_grouped_preprocess_flow(prefect_api: str, tmp_path: Path) -> None:
+    params = write_tiny_params(tmp_path / "project")
+    env = client_env(prefect_api, tmp_path / "home", KUZUSHIJI_PARAMS=str(params))
+    result = run_module(["flows", "flow", "preprocess"], env, PROJECT_ROOT, STAGE_TIMEOUT_S)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run,) = flow_runs(prefect_api, "preprocess")
+    assert run["state_type"] == "COMPLETED"
+    assert sorted(task["name"].rsplit("-", 1)[0] for task in _task_runs(prefect_api, run["id"])) == [
+        "download", "prepare"]
+    assert (tmp_path / "project" / "data" / "prepared" / "val.npz").is_file()
+
+
+def test_failing_stage_leaves_a_failed_flow_run_with_the_reason(prefect_api: str, tmp_path: Path) -> None:
+    params = write_tiny_params(tmp_path / "project")  # nothing downloaded: prepare cannot run
+    env = client_env(prefect_api, tmp_path / "home", KUZUSHIJI_PARAMS=str(params),
+                     KUZUSHIJI_PIPELINE_FLOW_RUN="parent-fail")
+    result = run_module(["flows", "prepare"], env, PROJECT_ROOT, STAGE_TIMEOUT_S)
+    assert result.returncode != 0  # DVC stops the pipeline here
+    assert "DataError" in result.stderr
+    (run,) = flow_runs(prefect_api, tags={"all_": ["pipeline-run:parent-fail"]})
+    assert run["state_type"] == "FAILED"
+    assert "DataError" in run["state"]["message"] and "download" in run["state"]["message"]
+    assert not (tmp_path / "project" / "data" / "prepared").exists()
