@@ -13,9 +13,11 @@ DATASET ?= k49
 PROFILE ?= $(if $(filter synthetic,$(DATASET)),quick,full)
 PYTEST_ARGS ?=
 HOST ?= 127.0.0.1
+POOL ?= kuzushiji-process
+WORKERS ?= 1
 PORT ?= 3000
 
-.PHONY: help venv run test lock mlflow-ui serve bento container
+.PHONY: help venv run test lock mlflow-ui prefect-server worker deploy tune serve bento container
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -42,6 +44,19 @@ lock: ## re-pin requirements.lock from the current .venv
 mlflow-ui: $(STAMP) ## MLflow UI on the embedded store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow/mlflow.db}" \
 	  --host 127.0.0.1 --port 5000
+
+prefect-server: $(STAMP) ## Prefect server + UI (http://127.0.0.1:4200); then export PREFECT_API_URL=http://127.0.0.1:4200/api
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+worker: $(STAMP) ## create the process work pool and run a worker for the deployments (keep it running)
+	$(BIN)/prefect work-pool create $(POOL) --type process --overwrite
+	$(BIN)/prefect worker start --pool $(POOL)
+
+deploy: $(STAMP) ## register the deployments of prefect.yaml
+	$(BIN)/prefect --no-prompt deploy --all
+
+tune: $(STAMP) ## add trials to the current study with WORKERS processes (one shared journal/RDB study)
+	$(BIN)/python -m pipeline.tune --workers $(WORKERS)
 
 serve: $(STAMP) ## serve the champion model with BentoML (http://$(HOST):$(PORT))
 	$(BIN)/bentoml serve service:Kuzushiji --host $(HOST) --port $(PORT)

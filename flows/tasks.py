@@ -1,7 +1,8 @@
 """Prefect tasks: one per pipeline stage, each a thin call into ``pipeline``.
 
 Tasks never cache (every stage has side effects and DVC decides what needs to run). The download task
-gets Prefect retries from ``data.download`` on top of the per-file retries inside ``pipeline.data``.
+gets Prefect retries from ``data.download`` for unexpected failures; network errors are already retried per
+file inside ``pipeline.data``.
 Progress of long tasks reaches the run's log through the ``pipeline`` logger, which prefect.toml attaches
 to Prefect logging (``logging.extra_loggers``).
 """
@@ -29,11 +30,20 @@ def download(settings: Settings) -> str:
     return str(folder)
 
 
+def _retry_unless_data_error(_task: Any, _task_run: Any, state: Any) -> bool:
+    """Retry unexpected failures only. A ``DataError`` is final: ``pipeline.data`` already retried the
+    network with back-off, and a wrong checksum, a 404 or a malformed local folder cannot heal by itself."""
+    from pipeline.data import DataError
+
+    return not isinstance(state.data, DataError)
+
+
 def download_with_retries(settings: Settings) -> Any:
     """The download task with Prefect retries/back-off from ``data.download``."""
     return download.with_options(
         retries=settings.data.download.retries,
         retry_delay_seconds=settings.data.download.backoff_s,
+        retry_condition_fn=_retry_unless_data_error,
     )
 
 

@@ -67,10 +67,15 @@ class TrackingError(RuntimeError):
     """MLflow is not usable as configured; the message says what to change."""
 
 
+# mlflow.set_tracking_uri() also exports $MLFLOW_TRACKING_URI (for child processes). Remember what we
+# set, so a later configure() for another settings root is not mistaken for a user's choice.
+_uri_set_here: str | None = None
+
+
 def tracking_uri(settings: Settings) -> str:
-    """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<abs paths.mlflow>/mlflow.db``."""
+    """``$MLFLOW_TRACKING_URI`` if the user set it, else ``sqlite:///<abs paths.mlflow>/mlflow.db``."""
     env = os.environ.get(TRACKING_URI_ENV, "").strip()
-    if env:
+    if env and env != _uri_set_here:
         return env
     return f"sqlite:///{settings.path('mlflow').resolve() / DB_FILE}"
 
@@ -85,8 +90,10 @@ def configure(settings: Settings) -> str:
     uri = tracking_uri(settings)
     if not is_remote(uri):
         settings.path("mlflow").mkdir(parents=True, exist_ok=True)
+    global _uri_set_here
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    _uri_set_here = os.environ.get(TRACKING_URI_ENV, "").strip() or None
     client = mlflow.MlflowClient(uri)
     name = settings.mlflow.experiment
     experiment = client.get_experiment_by_name(name)

@@ -72,3 +72,19 @@ def test_failing_stage_leaves_a_failed_flow_run_with_the_reason(prefect_api: str
     assert run["state_type"] == "FAILED"
     assert "DataError" in run["state"]["message"] and "download" in run["state"]["message"]
     assert not (tmp_path / "project" / "data" / "prepared").exists()
+
+
+def test_a_data_error_in_download_is_not_retried_by_prefect(prefect_api: str, tmp_path: Path) -> None:
+    # A missing local folder cannot heal: the task fails on its first attempt instead of backing off.
+    params = write_tiny_params(
+        tmp_path / "project", {"data.dataset": "local", "data.local_dir": str(tmp_path / "missing")}
+    )
+    env = client_env(prefect_api, tmp_path / "home", KUZUSHIJI_PARAMS=str(params),
+                     KUZUSHIJI_PIPELINE_FLOW_RUN="parent-no-retry")
+    result = run_module(["flows", "download"], env, PROJECT_ROOT, STAGE_TIMEOUT_S)
+    assert result.returncode != 0
+    assert "DataError" in result.stderr and "missing" in result.stderr
+    (run,) = flow_runs(prefect_api, tags={"all_": ["pipeline-run:parent-no-retry"]})
+    (task_run,) = _task_runs(prefect_api, run["id"])
+    assert task_run["state_type"] == "FAILED"
+    assert task_run["run_count"] == 1
