@@ -643,8 +643,8 @@ def run(settings: Settings) -> dict[str, Any]:
                                          reports_dir / "figures" / "augmented_samples.png")
         tracking.log_epoch(result.best_epoch, {"best_val_balanced_accuracy": best.val_balanced_accuracy,
                                                "best_val_accuracy": best.val_accuracy})
-        _log_artifacts([history_path, metrics_path], "reports")
-        _log_artifacts([curves, samples], "figures")
+        tracking.log_files([history_path, metrics_path], "reports")
+        tracking.log_files([curves, samples], "figures")
         model_uri = tracking.log_model(result.model, onnx_path, example, models_dir)
         run_info = {"run_id": run_id, "experiment_id": active.info.experiment_id,
                     "tracking_uri": tracking.tracking_uri(settings)}
@@ -665,13 +665,6 @@ def _resumable_run(checkpoint: Path, marker: Path, run_fingerprint: str) -> str 
     except (OSError, ValueError):
         return None
     return info.get("run_id") if info.get("fingerprint") == run_fingerprint else None
-
-
-def _log_artifacts(paths: Sequence[Path], artifact_path: str) -> None:
-    import mlflow  # only the stage logs files; the loop itself never touches MLflow
-
-    for path in paths:
-        mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
 
