@@ -3,12 +3,15 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-PYTHON ?= python3
+# Python 3.11 (the lock is resolved for it).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
 DATASET ?= k49
+# DATASET=local: a folder of official-format files; its prefix is detected from *_classmap.csv.
+LOCAL_DIR ?=
 # The full GPU recipe for real data; the CPU-sized profile for the offline synthetic demo.
 PROFILE ?= $(if $(filter synthetic,$(DATASET)),quick,full)
 PYTEST_ARGS ?=
@@ -23,6 +26,8 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 $(STAMP): requirements.lock pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { \
+	  echo "make: $(PYTHON) is not Python 3.11; run e.g. make $(MAKECMDGOALS) PYTHON=/path/to/python3.11"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
@@ -30,8 +35,8 @@ $(STAMP): requirements.lock pyproject.toml
 
 venv: $(STAMP) ## create .venv and install the pinned lock
 
-run: $(STAMP) ## the whole pipeline (DATASET=k49|kmnist|synthetic|local, PROFILE=full|quick)
-	$(BIN)/dvc exp run -S data.dataset=$(DATASET) -S profile=$(PROFILE)
+run: $(STAMP) ## the whole pipeline (DATASET=k49|kmnist|synthetic|local [LOCAL_DIR=..], PROFILE=full|quick)
+	$(BIN)/dvc exp run -S data.dataset=$(DATASET) -S profile=$(PROFILE) $(if $(LOCAL_DIR),-S data.local_dir=$(LOCAL_DIR))
 	$(BIN)/dvc metrics show
 
 test: $(STAMP) ## the test suite, slow end-to-end tests included

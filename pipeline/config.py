@@ -42,6 +42,7 @@ class _Section(BaseModel):
 
 class Paths(_Section):
     raw: Path = Path("data/raw")
+    downloads: Path = Path("data/downloads")
     prepared: Path = Path("data/prepared")
     models: Path = Path("models")
     reports: Path = Path("reports")
@@ -66,7 +67,7 @@ class DataSettings(_Section):
     dataset: Literal["k49", "kmnist", "local", "synthetic"] = "k49"
     base_url: str | None = None
     local_dir: Path | None = None
-    local_prefix: str = "k49"
+    local_prefix: str | None = None  # None: the prefix of the one *_classmap.csv in local_dir
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
     download: DownloadSettings = DownloadSettings()
     synthetic: SyntheticSettings = SyntheticSettings()
@@ -74,9 +75,10 @@ class DataSettings(_Section):
     @model_validator(mode="after")
     def _local_needs_dir(self) -> DataSettings:
         if self.dataset == "local" and self.local_dir is None:
+            prefix = self.local_prefix or "<prefix>"
             raise ValueError(
                 "data.dataset is 'local' but data.local_dir is not set: point it at a folder holding "
-                f"{self.local_prefix}-train-imgs.npz, ... and {self.local_prefix}_classmap.csv"
+                f"{prefix}-train-imgs.npz, ... and {prefix}_classmap.csv"
             )
         return self
 
@@ -252,8 +254,13 @@ def load_settings(
         raise ConfigError(f"{params_path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{params_path}: expected a mapping of settings at the top level")
+    # Every profile must be valid now, not only when someone first selects it.
+    for name in raw.get("profiles") or {}:
+        if name != raw.get("profile", "full"):
+            _validate(_apply_profile({**raw, "profile": name}, params_path), root=params_path.parent,
+                      source=f"{params_path} (profile {name!r})")
     raw = _apply_profile(raw, params_path)
-    if overrides:
+    if overrides:  # after the overlay: an explicit override wins over the profile
         _apply_dotted(raw, overrides, source=str(params_path))
     return _validate(raw, root=params_path.parent, source=str(params_path))
 

@@ -102,3 +102,14 @@ def test_missing_or_malformed_file_is_explained(tmp_path):
     bad.write_text("train: [unclosed", encoding="utf-8")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_settings(bad)
+
+
+def test_a_typo_in_an_unselected_profile_fails_at_start(tmp_path):
+    path = _write(tmp_path, lambda p: p["profiles"]["quick"]["train"].update(epochz=3))
+    with pytest.raises(ConfigError, match=r"profile 'quick'.*\n.*train\.epochz: unknown key"):
+        load_settings(path)  # the selected profile is 'full'
+
+
+def test_explicit_overrides_win_over_the_profile(tmp_path):
+    settings = load_settings(_write(tmp_path, lambda p: p.update(profile="quick")), {"train.epochs": 2})
+    assert settings.train.epochs == 2
