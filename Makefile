@@ -8,6 +8,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# DVC stage commands (`python -m flows ...`) and Prefect workers must find the venv's interpreter.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 DATASET ?= k49
 # DATASET=local: a folder of official-format files; its prefix is detected from *_classmap.csv.
