@@ -233,7 +233,7 @@ async def _read_uploads(request: Request, field: str, max_files: int) -> tuple[l
     """Image uploads of ``field`` and the raw ``top_k`` from multipart (files) or JSON (base64)."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
-        limit = max_files * SERVE.max_upload_bytes + MULTIPART_SLACK_BYTES
+        limit = min(max_files * SERVE.max_upload_bytes + MULTIPART_SLACK_BYTES, SERVE.max_request_bytes)
         parts = _parse_multipart(await _read_body(request, limit), request.headers["content-type"])
         uploads, top_k, unknown = [], None, []
         for name, filename, data in parts:
@@ -248,7 +248,8 @@ async def _read_uploads(request: Request, field: str, max_files: int) -> tuple[l
                                  f"image file(s) as {field!r} and optionally 'top_k'")
         return uploads, top_k
     if media_type == "application/json":
-        limit = int(max_files * SERVE.max_upload_bytes * BASE64_GROWTH) + MULTIPART_SLACK_BYTES
+        limit = min(int(max_files * SERVE.max_upload_bytes * BASE64_GROWTH) + MULTIPART_SLACK_BYTES,
+                    SERVE.max_request_bytes)
         body = await _read_body(request, limit)
         try:
             payload = json.loads(body)

@@ -113,12 +113,18 @@ class BadRequest:
                            content=self.content, headers=self.headers)
 
 
-def bad_requests(valid_png: bytes, max_upload_bytes: int, max_batch_images: int) -> list[BadRequest]:
+def bad_requests(valid_png: bytes, max_upload_bytes: int, max_batch_images: int,
+                 max_request_bytes: int) -> list[BadRequest]:
     """The corpus; ``valid_png`` is a good image used where only another part of the request is wrong."""
     truncated = valid_png[: len(valid_png) // 2]
     one = lambda payload, name="x.png", ctype="image/png": [("image", (name, payload, ctype))]  # noqa: E731
     over_file_limit = b"\x89PNG\r\n\x1a\n" + b"\0" * max_upload_bytes  # body within limits, file over
     over_body_limit = b"\0" * (2 * max_upload_bytes)  # refused while reading the body
+    # Each file within the per-image limit and few enough files, but the whole body above serve.max_request_bytes.
+    per_file = max_upload_bytes - 1024
+    over_request_limit = [("images", (f"{i}.png", b"\0" * per_file, "image/png"))
+                          for i in range(max_request_bytes // per_file + 1)]
+    assert len(over_request_limit) <= max_batch_images, "the test's limits must make the body cap bind first"
     return [
         BadRequest("empty file", "predict", 422, "empty", files=one(b"")),
         BadRequest("not an image", "predict", 422, "not an image", files=one(b"hello, this is text\n" * 10)),
@@ -155,6 +161,8 @@ def bad_requests(valid_png: bytes, max_upload_bytes: int, max_batch_images: int)
                    data={"top_k": "five"}),
         BadRequest("too many images", "predict_batch", 413, "split them",
                    files=[("images", (f"{i}.png", valid_png, "image/png")) for i in range(max_batch_images + 1)]),
+        BadRequest("batch body over the request limit", "predict_batch", 413, "limit",
+                   files=over_request_limit),
         BadRequest("no images in batch", "predict_batch", 422, "no images",
                    content=b"--b\r\nContent-Disposition: form-data; name=\"top_k\"\r\n\r\n2\r\n--b--\r\n",
                    headers={"content-type": "multipart/form-data; boundary=b"}),

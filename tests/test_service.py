@@ -34,6 +34,7 @@ EPOCHS = 5
 TOP_K = 3
 MAX_BATCH_IMAGES = 8  # small, so "too many images" is cheap to send
 MAX_UPLOAD_BYTES = 1_000_000
+MAX_REQUEST_BYTES = 3_000_000  # below MAX_BATCH_IMAGES * MAX_UPLOAD_BYTES: the body cap binds first
 
 
 def _train_model(out: Path) -> list[str]:
@@ -68,7 +69,8 @@ def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("service")
     chars = _train_model(work)
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
-    params["serve"].update(max_batch_images=MAX_BATCH_IMAGES, max_upload_bytes=MAX_UPLOAD_BYTES, top_k=TOP_K)
+    params["serve"].update(max_batch_images=MAX_BATCH_IMAGES, max_upload_bytes=MAX_UPLOAD_BYTES,
+                           max_request_bytes=MAX_REQUEST_BYTES, top_k=TOP_K)
     (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     env = {"BENTOML_HOME": str(work / "bentoml"), "KUZUSHIJI_PARAMS": str(work / "params.yaml"),
            "BENTOML_DO_NOT_TRACK": "True"}
@@ -168,7 +170,7 @@ def test_unusual_images_are_classified(server, name):
 
 def test_bad_requests_get_clear_4xx_errors_and_the_server_keeps_serving(server):
     client = server["client"]
-    corpus = bad_inputs.bad_requests(_png("あ"), MAX_UPLOAD_BYTES, MAX_BATCH_IMAGES)
+    corpus = bad_inputs.bad_requests(_png("あ"), MAX_UPLOAD_BYTES, MAX_BATCH_IMAGES, MAX_REQUEST_BYTES)
     assert len(corpus) >= 20
     failures = []
     for bad in corpus:
