@@ -192,6 +192,7 @@ class ServeSettings(_Section):
     max_upload_bytes: PositiveInt = 5_000_000
     max_pixels: PositiveInt = 16_000_000
     max_batch_images: PositiveInt = 64
+    max_request_bytes: PositiveInt = 32_000_000
     max_batch_size: PositiveInt = 64
     max_latency_ms: PositiveInt = 2000
     request_timeout_s: PositiveInt = 30
@@ -228,6 +229,10 @@ class Settings(_Section):
         """Absolute path of a ``paths`` entry, e.g. ``settings.path("raw")``."""
         relative: Path = getattr(self.paths, name)
         return relative if relative.is_absolute() else self.root / relative
+
+    def registered_model_name(self) -> str:
+        """MLflow registered model of this dataset (``registry.model_name`` + ``-`` + ``data.dataset``)."""
+        return f"{self.registry.model_name}-{self.data.dataset}"
 
     def resolved(self) -> dict[str, Any]:
         """Plain dict of the effective settings (for logging to MLflow), without the profile table."""

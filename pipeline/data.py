@@ -5,8 +5,11 @@ Stages:
 - ``fetch_raw(settings)`` (download): the official K49/KMNIST files with their MD5s checked, a local folder
   in the official format (validated), or the synthetic stand-in, all into ``paths.raw`` with a
   ``manifest.json``. Every file lands atomically: a temporary file in the same folder, fsync, rename.
+  Official files are downloaded into ``paths.downloads/<dataset>`` first: DVC deletes ``paths.raw`` before
+  re-running the stage, and that cache (MD5-checked, not a DVC output) spares a new download each time.
 - ``prepare(settings)`` (prepare): a stratified train/validation split of the official train set, pixel
-  statistics and data reports. The test set is only read by ``load_test``.
+  statistics and data reports. The test set is only read by ``load_test`` (evaluation); prepare takes
+  its size from the manifest.
 
 Files are always loaded with ``allow_pickle=False`` and validated (dtype, shape, label range, class map)
 by the same code, whatever their source. This module imports no torch.
@@ -19,7 +22,9 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
+import secrets
 import shutil
 import time
 import zipfile
@@ -31,13 +36,14 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import DownloadSettings, Settings
-from pipeline.files import FILE_MODE, atomic_path, remove_stale_parts, write_json, write_text
+from pipeline.files import FILE_MODE, TEMP_SUFFIX, atomic_path, remove_stale_parts, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SIDE = 28
 NPZ_KEY = "arr_0"  # the one array of each official .npz
 CLASSMAP_HEADER = ("index", "codepoint", "char")
+CLASSMAP_SUFFIX = "_classmap.csv"  # {prefix}_classmap.csv: how a local folder's prefix is found
 OFFICIAL_BASE_URL = "http://codh.rois.ac.jp/kmnist/dataset/{dataset}/"
 MANIFEST_NAME = "manifest.json"
 PREPARED_SPLITS = ("train", "val")
@@ -60,7 +66,9 @@ RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _NPY_MAGIC = b"\x93NUMPY"
 
-_K49_CHARS = "あいうえおかきくけこさしすせそたちつてとなにぬねのはひふへほまみむめもやゆよらりるれろわゐゑをんゝ"
+_K49_CHARS = (
+    "あいうえおかきくけこさしすせそたちつてとなにぬねのはひふへほまみむめもやゆよらりるれろわゐゑをんゝ"
+)
 _KMNIST_K49_INDICES = (4, 6, 12, 17, 20, 25, 30, 35, 41, 46)
 
 
@@ -150,8 +158,12 @@ def official_file_names(prefix: str) -> dict[str, str]:
         "train_labels": f"{prefix}-train-labels.npz",
         "test_images": f"{prefix}-test-imgs.npz",
         "test_labels": f"{prefix}-test-labels.npz",
-        "classmap": f"{prefix}_classmap.csv",
+        "classmap": f"{prefix}{CLASSMAP_SUFFIX}",
     }
+
+
+def _split_roles(split: str) -> tuple[str, str]:
+    return f"{split}_images", f"{split}_labels"
 
 
 # ----------------------------------------------------------------------------------------- file helpers
@@ -177,10 +189,29 @@ def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
     return Path(path)
 
 
-
 def _copy_file(source: Path, target: Path) -> Path:
     with atomic_path(target) as temp:
         shutil.copyfile(source, temp)
+    return target
+
+
+def _link_or_copy(source: Path, target: Path) -> Path:
+    """Hard-link ``source`` to ``target`` (atomic rename over it); copy where links are impossible.
+
+    Only for files that are replaced, never written in place (the download cache): a shared inode is safe.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_parts(target.parent, target.name)
+    temp = target.parent / f".{target.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    try:
+        os.link(source, temp)  # another filesystem, or one without hard links: OSError
+    except OSError as exc:
+        logger.info("%s: cannot hard-link into %s (%s); copying", source, target.parent, exc)
+        return _copy_file(source, target)
+    try:
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
     return target
 
 
@@ -352,10 +383,10 @@ def load_classmap(path: Path) -> ClassMap:
             )
         if not re.fullmatch(r"U\+[0-9A-Fa-f]{4,6}", codepoint):
             raise DataError(f"{path}, line {line}: codepoint {codepoint!r} is not of the form U+3042")
-        if len(char) != 1 or ord(char) != int(codepoint[2:], 16):
+        value = int(codepoint.removeprefix("U+"), 16)
+        if len(char) != 1 or ord(char) != value:
             raise DataError(
-                f"{path}, line {line}: char {char!r} does not match codepoint {codepoint} "
-                f"({chr(int(codepoint[2:], 16))!r})"
+                f"{path}, line {line}: char {char!r} does not match codepoint {codepoint} ({chr(value)!r})"
             )
         codepoints.append(codepoint.upper())
         chars.append(char)
@@ -415,9 +446,7 @@ def read_npz_array(path: Path, key: str = NPZ_KEY) -> np.ndarray:
         ) from None
 
 
-def validate_split(
-    images: np.ndarray, labels: np.ndarray, num_classes: int, where: str
-) -> LabeledImages:
+def validate_split(images: np.ndarray, labels: np.ndarray, num_classes: int, where: str) -> LabeledImages:
     """Check one split against the data contract; returns it with labels as int64."""
     if images.dtype != np.uint8:
         raise DataError(
@@ -466,20 +495,49 @@ def load_official(folder: Path, prefix: str) -> OfficialData:
             "(official format: .npz with one array 'arr_0', class map CSV index,codepoint,char)"
         )
     classmap = load_classmap(folder / names["classmap"])
-    splits = {}
-    for split in ("train", "test"):
-        images = read_npz_array(folder / names[f"{split}_images"])
-        labels = read_npz_array(folder / names[f"{split}_labels"])
-        where = f"{folder / names[f'{split}_images']} + {names[f'{split}_labels']}"
-        splits[split] = validate_split(images, labels, len(classmap), where)
-    absent = np.flatnonzero(np.bincount(splits["train"].labels, minlength=len(classmap)) == 0)
+    train = _load_split(folder, prefix, "train", classmap)
+    test = _load_split(folder, prefix, "test", classmap)
+    _check_train_covers_classes(folder, train, classmap)
+    return OfficialData(train, test, classmap)
+
+
+def _load_split(folder: Path, prefix: str, split: str, classmap: ClassMap) -> LabeledImages:
+    names = official_file_names(prefix)
+    images_role, labels_role = _split_roles(split)
+    images = read_npz_array(folder / names[images_role])
+    labels = read_npz_array(folder / names[labels_role])
+    where = f"{folder / names[images_role]} + {names[labels_role]}"
+    return validate_split(images, labels, len(classmap), where)
+
+
+def _check_train_covers_classes(folder: Path, train: LabeledImages, classmap: ClassMap) -> None:
+    absent = np.flatnonzero(np.bincount(train.labels, minlength=len(classmap)) == 0)
     if absent.size:
         shown = ", ".join(f"{index} {classmap.chars[index]}" for index in absent[:10])
         raise DataError(
             f"{folder}: the class map declares {len(classmap)} classes but the train split has no image of "
             f"{absent.size} of them ({shown}); drop them from the class map or add training images"
         )
-    return OfficialData(splits["train"], splits["test"], classmap)
+
+
+def local_prefix(folder: Path, prefix: str | None) -> str:
+    """``prefix``, or when None the prefix of the one ``*_classmap.csv`` in ``folder``."""
+    if prefix is not None:
+        return prefix
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(
+            f"{folder}: no such folder (data.local_dir must point at the folder holding the files)"
+        )
+    found = sorted(path.name for path in folder.glob(f"*{CLASSMAP_SUFFIX}") if path.is_file())
+    if len(found) != 1:
+        what = f"several class maps ({', '.join(found)})" if found else f"no *{CLASSMAP_SUFFIX} class map"
+        raise DataError(
+            f"{folder}: data.local_prefix is null (auto-detect) but the folder holds {what}; "
+            f"set data.local_prefix to the prefix of the files, e.g. -S data.local_prefix=kmnist for "
+            f"kmnist-train-imgs.npz ... kmnist{CLASSMAP_SUFFIX}"
+        )
+    return found[0].removesuffix(CLASSMAP_SUFFIX)
 
 
 # ------------------------------------------------------------------------------------------ download stage
@@ -498,18 +556,22 @@ def fetch_raw(settings: Settings) -> Path:
         prefix = data.dataset
         base_url = data.base_url or OFFICIAL_BASE_URL.format(dataset=prefix)
         facts = OFFICIAL_FILES[prefix]
-        download_files(
+        # The cache outlives paths.raw (which DVC deletes before each run of this stage); it is keyed by
+        # the official MD5s, so the official site and any mirror share it.
+        cached = download_files(
             base_url,
-            raw,
+            settings.path("downloads") / prefix,
             {name: fact.md5 for name, fact in facts.items()},
             data.download,
             sizes={name: fact.bytes for name, fact in facts.items()},
         )
+        for path in cached:
+            _link_or_copy(path, raw / path.name)
         source = base_url
     elif data.dataset == "local":
-        prefix = data.local_prefix
         assert data.local_dir is not None  # guaranteed by DataSettings
         folder = data.local_dir if data.local_dir.is_absolute() else settings.root / data.local_dir
+        prefix = local_prefix(folder, data.local_prefix)
         load_official(folder, prefix)  # validate everything before touching paths.raw
         incoming = {name: md5_of(folder / name) for name in official_file_names(prefix).values()}
         _keep_official_downloads(raw, incoming, f"the files of {folder}")
@@ -572,29 +634,30 @@ def read_manifest(settings: Settings) -> dict[str, Any]:
         raise DataError(f"{path}: not valid JSON ({exc}); run the download stage again") from None
 
 
-def _load_raw_verified(settings: Settings) -> OfficialData:
-    """The raw files, checked against the manifest's MD5s (nothing changed since the download stage)."""
+def _verified_raw_split(settings: Settings, split: str) -> tuple[LabeledImages, ClassMap, dict[str, Any]]:
+    """One raw split and the class map, their files checked against the manifest's MD5s first.
+
+    Only that split's files are opened, so the prepare stage never reads the test set.
+    """
     manifest = read_manifest(settings)
-    raw = settings.path("raw")
-    for name, fact in manifest["files"].items():
-        path = raw / name
-        if not path.is_file() or md5_of(path) != fact["md5"]:
+    raw, prefix = settings.path("raw"), manifest["prefix"]
+    names = official_file_names(prefix)
+    for role in ("classmap", *_split_roles(split)):
+        path = raw / names[role]
+        fact = manifest["files"].get(names[role])
+        if fact is None or not path.is_file() or md5_of(path) != fact["md5"]:
             raise DataError(
                 f"{path} is missing or changed since the download stage (MD5 differs from {MANIFEST_NAME}); "
                 "run the download stage again"
             )
-    return load_official(raw, manifest["prefix"])
+    classmap = load_classmap(raw / names["classmap"])
+    return _load_split(raw, prefix, split, classmap), classmap, manifest
 
 
 def load_test(settings: Settings) -> LabeledImages:
-    """The official test split (validated); only evaluation reads it."""
-    manifest = read_manifest(settings)
-    raw = settings.path("raw")
-    names = official_file_names(manifest["prefix"])
-    classmap = load_classmap(raw / names["classmap"])
-    images = read_npz_array(raw / names["test_images"])
-    labels = read_npz_array(raw / names["test_labels"])
-    return validate_split(images, labels, len(classmap), f"{raw / names['test_images']}")
+    """The official test split (MD5-checked against the manifest, validated); only evaluation reads it."""
+    test, _, _ = _verified_raw_split(settings, "test")
+    return test
 
 
 # ------------------------------------------------------------------------------------------- prepare stage
@@ -604,8 +667,8 @@ def prepare(settings: Settings) -> dict[str, Any]:
     """The prepare stage: stratified train/val split, pixel statistics, data reports. Returns the summary."""
     from sklearn.model_selection import train_test_split
 
-    raw_data = _load_raw_verified(settings)
-    train, classmap = raw_data.train, raw_data.classmap
+    train, classmap, manifest = _verified_raw_split(settings, "train")
+    _check_train_covers_classes(settings.path("raw"), train, classmap)
     n_classes = len(classmap)
     counts = np.bincount(train.labels, minlength=n_classes)
     small = np.flatnonzero(counts < MIN_PER_CLASS_FOR_SPLIT)
@@ -653,7 +716,7 @@ def prepare(settings: Settings) -> dict[str, Any]:
     summary = {
         "n_train": len(splits["train"]),
         "n_val": len(splits["val"]),
-        "n_test": len(load_test(settings)),
+        "n_test": int(manifest["n_test"]),  # counted by the download stage; prepare never reads test files
         "n_classes": n_classes,
         "min_class_count": int(train_counts.min()),
         "max_class_count": int(train_counts.max()),

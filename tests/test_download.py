@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,11 +12,23 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 
 import pytest
 
+from pipeline import data
 from pipeline.config import DownloadSettings
-from pipeline.data import MANIFEST_NAME, DataError, download_files, fetch_raw, load_official
+from pipeline.data import (
+    MANIFEST_NAME,
+    OFFICIAL_FILES,
+    DataError,
+    FileFact,
+    download_files,
+    fetch_raw,
+    load_official,
+    md5_of,
+    read_manifest,
+)
 from tests.official_files import checksums, write_official_folder
 from tests.support import PROJECT_ROOT, free_port
 
@@ -78,7 +91,7 @@ class FileServer:
 
         return Handler
 
-    def __enter__(self) -> FileServer:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
@@ -240,3 +253,60 @@ def test_fetch_raw_checks_the_official_sizes_and_md5s(make_settings, server):
     raw = settings.path("raw")
     assert _leftovers(raw) == []
     assert not (raw / MANIFEST_NAME).exists()
+    assert _leftovers(settings.path("downloads") / "kmnist") == []
+
+
+@pytest.fixture
+def served_as_kmnist(monkeypatch, official) -> None:
+    """The official KMNIST sizes and MD5s replaced by those of the small files the test server holds."""
+    facts = {path.name: FileFact(md5_of(path), path.stat().st_size) for path in official.values()}
+    monkeypatch.setitem(OFFICIAL_FILES, "kmnist", facts)
+
+
+def test_fetch_raw_reuses_the_download_cache_after_raw_is_deleted(
+    make_settings, official, server, served_as_kmnist
+):
+    settings = make_settings({"data.dataset": "kmnist", "data.base_url": server.url})
+    names = sorted(path.name for path in official.values())
+    raw = fetch_raw(settings)
+    cache = settings.path("downloads") / "kmnist"
+    assert sorted(server.requests) == names
+    assert _leftovers(cache) == names and _leftovers(raw) == sorted([*names, MANIFEST_NAME])
+    for source in official.values():
+        assert (raw / source.name).read_bytes() == source.read_bytes()
+        assert os.path.samefile(raw / source.name, cache / source.name)  # a hard link: no second copy
+    manifest = read_manifest(settings)
+
+    shutil.rmtree(raw)  # what `dvc repro` does to a stage's outs before running it again
+    fetch_raw(settings)
+    assert len(server.requests) == len(names)  # nothing downloaded again
+    assert read_manifest(settings) == manifest
+
+    # The cache is keyed by the official MD5s, not the URL: another mirror (here: nothing listening) shares it.
+    shutil.rmtree(raw)
+    fetch_raw(settings.with_overrides({"data.base_url": f"http://127.0.0.1:{free_port()}/other/"}))
+    assert len(server.requests) == len(names)
+
+    damaged = cache / official["train_labels"].name
+    damaged.write_bytes(b"bit rot")  # in place: a hard-linked raw copy changes with it
+    shutil.rmtree(raw)
+    fetch_raw(settings)
+    assert server.requests[len(names) :] == [damaged.name]  # only the damaged file is fetched again
+    assert damaged.read_bytes() == (raw / damaged.name).read_bytes() == official["train_labels"].read_bytes()
+    assert read_manifest(settings) == manifest
+
+
+def test_fetch_raw_copies_when_hard_links_are_impossible(
+    make_settings, official, server, served_as_kmnist, monkeypatch
+):
+    def no_links(source: object, target: object) -> None:
+        raise OSError(18, "Invalid cross-device link")  # what another filesystem answers
+
+    monkeypatch.setattr(data.os, "link", no_links)
+    settings = make_settings({"data.dataset": "kmnist", "data.base_url": server.url})
+    raw = fetch_raw(settings)
+    cache = settings.path("downloads") / "kmnist"
+    for source in official.values():
+        assert (raw / source.name).read_bytes() == source.read_bytes()
+        assert not os.path.samefile(raw / source.name, cache / source.name)
+    assert _leftovers(raw) == sorted([*(path.name for path in official.values()), MANIFEST_NAME])

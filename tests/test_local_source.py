@@ -58,47 +58,98 @@ def _half(path: Path) -> None:
 MALFORMED: list[tuple[str, Callable[[Paths], None], str]] = [
     ("missing-file", lambda p: p["test_labels"].unlink(), "missing kmnist-test-labels.npz"),
     ("not-npz", lambda p: p["train_images"].write_text("images,here\n"), "not an .npz archive"),
-    ("single-npy", lambda p: np.save(p["train_labels"].with_suffix(".npy"), _arr(p["train_labels"]))
-     or p["train_labels"].with_suffix(".npy").rename(p["train_labels"]), "a single .npy array"),
+    (
+        "single-npy",
+        lambda p: (
+            np.save(p["train_labels"].with_suffix(".npy"), _arr(p["train_labels"]))
+            or p["train_labels"].with_suffix(".npy").rename(p["train_labels"])
+        ),
+        "a single .npy array",
+    ),
     ("needs-pickle", lambda p: _pickled(p["train_labels"]), "needs pickle"),
-    ("missing-arr_0", lambda p: np.savez(p["test_images"], images=_arr(p["test_images"])),
-     "no array named 'arr_0' (found ['images'])"),
+    (
+        "missing-arr_0",
+        lambda p: np.savez(p["test_images"], images=_arr(p["test_images"])),
+        "no array named 'arr_0' (found ['images'])",
+    ),
     ("damaged-zip", lambda p: _half(p["train_images"]), "damaged .npz archive"),
-    ("float-images", lambda p: _rewrite(p["train_images"], lambda a: a.astype(np.float32)),
-     "images have dtype float32, expected uint8"),
-    ("float-labels", lambda p: _rewrite(p["test_labels"], lambda a: a.astype(np.float64)),
-     "labels have dtype float64, expected an integer dtype"),
-    ("wrong-shape", lambda p: _rewrite(p["train_images"], lambda a: a[:, :, :27]),
-     "images have shape (120, 28, 27), expected (N, 28, 28)"),
-    ("flat-images", lambda p: _rewrite(p["test_images"], lambda a: a.reshape(len(a), -1)),
-     "images have shape (40, 784)"),
+    (
+        "float-images",
+        lambda p: _rewrite(p["train_images"], lambda a: a.astype(np.float32)),
+        "images have dtype float32, expected uint8",
+    ),
+    (
+        "float-labels",
+        lambda p: _rewrite(p["test_labels"], lambda a: a.astype(np.float64)),
+        "labels have dtype float64, expected an integer dtype",
+    ),
+    (
+        "wrong-shape",
+        lambda p: _rewrite(p["train_images"], lambda a: a[:, :, :27]),
+        "images have shape (120, 28, 27), expected (N, 28, 28)",
+    ),
+    (
+        "flat-images",
+        lambda p: _rewrite(p["test_images"], lambda a: a.reshape(len(a), -1)),
+        "images have shape (40, 784)",
+    ),
     ("2d-labels", lambda p: _rewrite(p["train_labels"], lambda a: a[:, None]), "labels have shape (120, 1)"),
-    ("count-mismatch", lambda p: _rewrite(p["test_labels"], lambda a: a[:-3]),
-     "40 images but 37 labels"),
-    ("label-out-of-range", lambda p: _rewrite(p["train_labels"], lambda a: np.where(a == 9, 10, a)),
-     "labels span 0..10 but the class map declares 10 classes"),
-    ("negative-label", lambda p: _rewrite(p["test_labels"], lambda a: a.astype(np.int64) - 1),
-     "labels span -1..8"),
-    ("empty-split", lambda p: (_rewrite(p["test_images"], lambda a: a[:0]),
-                               _rewrite(p["test_labels"], lambda a: a[:0])), "the split is empty"),
-    ("class-absent-from-train", lambda p: (
-        _rewrite(p["train_images"], lambda a: a[_arr(p["train_labels"]) != 3]),
-        _rewrite(p["train_labels"], lambda a: a[a != 3])), "train split has no image of 1 of them (3 つ)"),
+    ("count-mismatch", lambda p: _rewrite(p["test_labels"], lambda a: a[:-3]), "40 images but 37 labels"),
+    (
+        "label-out-of-range",
+        lambda p: _rewrite(p["train_labels"], lambda a: np.where(a == 9, 10, a)),
+        "labels span 0..10 but the class map declares 10 classes",
+    ),
+    (
+        "negative-label",
+        lambda p: _rewrite(p["test_labels"], lambda a: a.astype(np.int64) - 1),
+        "labels span -1..8",
+    ),
+    (
+        "empty-split",
+        lambda p: (_rewrite(p["test_images"], lambda a: a[:0]), _rewrite(p["test_labels"], lambda a: a[:0])),
+        "the split is empty",
+    ),
+    (
+        "class-absent-from-train",
+        lambda p: (
+            _rewrite(p["train_images"], lambda a: a[_arr(p["train_labels"]) != 3]),
+            _rewrite(p["train_labels"], lambda a: a[a != 3]),
+        ),
+        "train split has no image of 1 of them (3 つ)",
+    ),
     ("inverted-polarity", lambda p: _rewrite(p["train_images"], lambda a: 255 - a), "white strokes on black"),
-    ("bad-header", lambda p: _edit_classmap(p["classmap"], "index,codepoint,char", "id,code,char"),
-     "bad class-map header 'id,code,char'"),
-    ("bad-indices", lambda p: _edit_classmap(p["classmap"], "\n4,", "\n5,"),
-     "class index '5' where 4 was expected"),
-    ("bad-codepoint", lambda p: _edit_classmap(p["classmap"], "U+304A", "304A"),
-     "codepoint '304A' is not of the form U+3042"),
-    ("char-mismatch", lambda p: _edit_classmap(p["classmap"], "U+304A,お", "U+304A,あ"),
-     "char 'あ' does not match codepoint U+304A"),
-    ("duplicate-char", lambda p: _edit_classmap(p["classmap"], "U+304D,き", "U+304A,お"),
-     "lists ['お'] more than once"),
-    ("extra-field", lambda p: _edit_classmap(p["classmap"], "U+304A,お", "U+304A,お,x"),
-     "expected 3 fields"),
-    ("not-utf8", lambda p: p["classmap"].write_bytes(p["classmap"].read_text().encode("shift_jis")),
-     "class map is not UTF-8"),
+    (
+        "bad-header",
+        lambda p: _edit_classmap(p["classmap"], "index,codepoint,char", "id,code,char"),
+        "bad class-map header 'id,code,char'",
+    ),
+    (
+        "bad-indices",
+        lambda p: _edit_classmap(p["classmap"], "\n4,", "\n5,"),
+        "class index '5' where 4 was expected",
+    ),
+    (
+        "bad-codepoint",
+        lambda p: _edit_classmap(p["classmap"], "U+304A", "304A"),
+        "codepoint '304A' is not of the form U+3042",
+    ),
+    (
+        "char-mismatch",
+        lambda p: _edit_classmap(p["classmap"], "U+304A,お", "U+304A,あ"),
+        "char 'あ' does not match codepoint U+304A",
+    ),
+    (
+        "duplicate-char",
+        lambda p: _edit_classmap(p["classmap"], "U+304D,き", "U+304A,お"),
+        "lists ['お'] more than once",
+    ),
+    ("extra-field", lambda p: _edit_classmap(p["classmap"], "U+304A,お", "U+304A,お,x"), "expected 3 fields"),
+    (
+        "not-utf8",
+        lambda p: p["classmap"].write_bytes(p["classmap"].read_text().encode("shift_jis")),
+        "class map is not UTF-8",
+    ),
 ]
 
 
@@ -108,8 +159,13 @@ def folder(tmp_path: Path) -> Paths:
 
 
 def _local_settings(make_settings, folder: Paths, prefix: str = "kmnist"):
-    return make_settings({"data.dataset": "local", "data.local_dir": str(folder["classmap"].parent),
-                          "data.local_prefix": prefix})
+    return make_settings(
+        {
+            "data.dataset": "local",
+            "data.local_dir": str(folder["classmap"].parent),
+            "data.local_prefix": prefix,
+        }
+    )
 
 
 @pytest.mark.parametrize(
@@ -170,12 +226,44 @@ def test_any_number_of_classes_and_any_prefix(make_settings, tmp_path):
     assert load_classmap(settings.path("raw") / "mine_classmap.csv") == classmap
 
 
-def test_prepare_refuses_raw_files_changed_after_the_download_stage(make_settings, folder):
+def test_raw_files_changed_after_the_download_stage_are_refused(make_settings, folder):
     settings = _local_settings(make_settings, folder)
     raw = fetch_raw(settings)
     (raw / folder["test_labels"].name).write_bytes(folder["test_labels"].read_bytes()[:-1])
-    with pytest.raises(DataError, match="changed since the download stage"):
+    with pytest.raises(DataError, match="kmnist-test-labels.npz is missing or changed since the download"):
+        load_test(settings)  # evaluation's reader checks the test files
+    (raw / folder["train_labels"].name).write_bytes(folder["train_labels"].read_bytes()[:-1])
+    with pytest.raises(DataError, match="kmnist-train-labels.npz is missing or changed since the download"):
         prepare(settings)
+
+
+def test_prefix_null_detects_the_one_class_map(make_settings, folder):
+    """`dvc exp run -S data.dataset=local -S data.local_dir=DIR` on a folder of official KMNIST files."""
+    settings = make_settings({"data.dataset": "local", "data.local_dir": str(folder["classmap"].parent)})
+    assert settings.data.local_prefix is None  # the params.yaml default
+    raw = fetch_raw(settings)
+    manifest = read_manifest(settings)
+    assert manifest["prefix"] == "kmnist" and manifest["n_classes"] == 10
+    assert sorted(manifest["files"]) == sorted(path.name for path in folder.values())
+    for path in folder.values():
+        assert (raw / path.name).read_bytes() == path.read_bytes()
+    assert prepare(settings)["n_classes"] == 10
+
+
+def test_prefix_null_needs_exactly_one_class_map(make_settings, folder):
+    settings = make_settings({"data.dataset": "local", "data.local_dir": str(folder["classmap"].parent)})
+    write_official_folder(folder["classmap"].parent, prefix="k49", classmap=ClassMap.from_chars("日月火"))
+    several = r"several class maps \(k49_classmap.csv, kmnist_classmap.csv\)"
+    with pytest.raises(DataError, match=several) as caught:
+        fetch_raw(settings)
+    assert "set data.local_prefix" in str(caught.value)
+    fetch_raw(settings.with_overrides({"data.local_prefix": "k49"}))  # an explicit prefix picks one
+    assert read_manifest(settings)["n_classes"] == 3
+
+    for path in folder["classmap"].parent.glob("*_classmap.csv"):
+        path.unlink()
+    with pytest.raises(DataError, match=r"no \*_classmap.csv class map.*set data.local_prefix"):
+        fetch_raw(settings)
 
 
 def test_a_missing_folder_is_named(make_settings, tmp_path):
@@ -186,8 +274,9 @@ def test_a_missing_folder_is_named(make_settings, tmp_path):
 
 def test_official_downloads_in_raw_are_never_overwritten(make_settings, tmp_path):
     """The official KMNIST class map (byte-exact, MD5-verified) must survive a local folder that differs."""
-    settings = make_settings({"data.dataset": "local", "data.local_dir": str(tmp_path / "other"),
-                              "data.local_prefix": "kmnist"})
+    settings = make_settings(
+        {"data.dataset": "local", "data.local_dir": str(tmp_path / "other"), "data.local_prefix": "kmnist"}
+    )
     official_map = settings.path("raw") / "kmnist_classmap.csv"
     write_classmap(OFFICIAL_CLASSMAPS["kmnist"], official_map)
     assert md5_of(official_map) == OFFICIAL_FILES["kmnist"]["kmnist_classmap.csv"].md5

@@ -21,9 +21,11 @@ from pipeline.data import (
     fetch_raw,
     load_official,
     load_prepared,
+    load_test,
     md5_of,
     official_file_names,
     prepare,
+    read_manifest,
     read_stats,
     subset_per_class,
     write_classmap,
@@ -37,8 +39,14 @@ IMBALANCED_COUNTS = (8, 20, 40, 75, 160)
 
 @pytest.fixture
 def synthetic_settings(make_settings):
-    settings = make_settings({"data.dataset": "synthetic", "data.synthetic.train_per_class": 20,
-                              "data.synthetic.test_per_class": 3, "data.val_fraction": 0.1})
+    settings = make_settings(
+        {
+            "data.dataset": "synthetic",
+            "data.synthetic.train_per_class": 20,
+            "data.synthetic.test_per_class": 3,
+            "data.val_fraction": 0.1,
+        }
+    )
     fetch_raw(settings)
     return settings
 
@@ -87,8 +95,15 @@ def test_outputs_are_written_with_the_documented_keys(synthetic_settings):
     assert sum(stats["counts"]["val"]) == stats["n_val"] == summary["n_val"]
 
     assert json.loads((reports / "data" / "summary.json").read_text(encoding="utf-8")) == summary
-    assert summary == {"n_train": 882, "n_val": 98, "n_test": 147, "n_classes": 49, "min_class_count": 18,
-                       "max_class_count": 18, "imbalance_ratio": 1.0}
+    assert summary == {
+        "n_train": 882,
+        "n_val": 98,
+        "n_test": 147,
+        "n_classes": 49,
+        "min_class_count": 18,
+        "max_class_count": 18,
+        "imbalance_ratio": 1.0,
+    }
     with open(reports / "data" / "class_counts.csv", encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["index", "char", "train", "val"] and len(rows) == 49
@@ -129,8 +144,9 @@ def test_split_is_deterministic_for_the_seed(make_settings, tmp_path):
     again = settings.with_overrides({"paths.prepared": "prepared_again", "paths.reports": "reports_again"})
     prepare(again)
     assert {name: (again.path("prepared") / name).read_bytes() for name in first} == first
-    other = settings.with_overrides({"seed": settings.seed + 1, "paths.prepared": "prepared_other",
-                                     "paths.reports": "reports_other"})
+    other = settings.with_overrides(
+        {"seed": settings.seed + 1, "paths.prepared": "prepared_other", "paths.reports": "reports_other"}
+    )
     prepare(other)
     assert set(_rows(load_prepared(other, "val").images)) != set(_rows(load_prepared(settings, "val").images))
 
@@ -147,6 +163,20 @@ def test_clear_errors_before_and_around_the_stage(make_settings, tmp_path):
     expected = r"data.val_fraction=0.01 gives 4 validation and 299 training images for 5 classes"
     with pytest.raises(DataError, match=expected):
         prepare(tiny)
+
+
+def test_prepare_never_reads_the_test_set(make_settings, tmp_path):
+    """n_test comes from the download manifest; the test files are only for evaluation (load_test)."""
+    settings = _imbalanced_settings(make_settings, tmp_path)
+    names = official_file_names("imb")
+    raw = settings.path("raw")
+    for role in ("test_images", "test_labels"):
+        (raw / names[role]).write_bytes(b"not an npz: prepare must not open this")
+    summary = prepare(settings)
+    assert summary["n_test"] == read_manifest(settings)["n_test"] == 76  # 303 official test images / 4
+    assert summary["n_train"] + summary["n_val"] == sum(IMBALANCED_COUNTS)
+    with pytest.raises(DataError, match="imb-test-imgs.npz is missing or changed since the download stage"):
+        load_test(settings)  # evaluation's reader does check them
 
 
 def test_subset_per_class_caps_each_class_deterministically():
