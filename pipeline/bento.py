@@ -1,9 +1,11 @@
 """Package stage: put the MLflow registry's champion into the BentoML model store for ``service.py``.
 
 The BentoML model holds exactly what serving needs (``model.onnx``, ``classmap.csv``, ``meta.json``)
-and records where it came from (registry model name and version, test metrics, dataset), so a bento and
-its container never need MLflow. Importing is idempotent: when the store's latest model of that name
-already holds the same registry version, it is reused and nothing is written to the store.
+and records where it came from (registry model name and version, MLflow run, ONNX MD5, test metrics,
+dataset), so a bento and its container never need MLflow. Importing is idempotent: when the store's latest
+model of that name already holds the same registered model, version, run and ONNX bytes, it is reused and
+nothing is written to the store. A version number alone is not enough: another dataset's registered model
+or a fresh MLflow store hands out the same numbers.
 
 CLI: ``python -m pipeline.bento import`` (the ``package`` DVC stage), and
 ``python -m pipeline.bento store --onnx F --classmap F --meta F --registry-version V`` to package local
@@ -13,6 +15,7 @@ files without MLflow (tests, benchmarks, air-gapped hosts).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import shutil
@@ -32,6 +35,11 @@ log = logging.getLogger(__name__)
 MODEL_FILES = ("model.onnx", "classmap.csv", "meta.json")  # the service reads these names
 REPORT_FILE = "bento_model.json"  # under paths.reports (DVC out of the package stage)
 LABEL_REGISTRY_VERSION = "registry_version"
+LABEL_REGISTRY_MODEL = "registry_model"
+LABEL_RUN_ID = "run_id"
+LABEL_ONNX_MD5 = "onnx_md5"
+# Labels that must all match for the store's latest model to be reused instead of re-imported.
+IDENTITY_LABELS = (LABEL_REGISTRY_MODEL, LABEL_REGISTRY_VERSION, LABEL_RUN_ID, LABEL_ONNX_MD5)
 
 
 class PackageError(RuntimeError):
@@ -51,6 +59,8 @@ def import_champion(settings: Settings) -> str:
             meta_path=Path(champion["meta"]),
             registry_version=str(champion["version"]),
             metrics=champion.get("metrics") or {},
+            registry_model=str(champion["model_name"]),
+            run_id=str(champion["run_id"]),
         )
     write_report(settings, tag)
     return tag
@@ -64,11 +74,15 @@ def store_model(
     meta_path: Path,
     registry_version: str,
     metrics: Mapping[str, Any],
+    registry_model: str | None = None,
+    run_id: str | None = None,
 ) -> str:
     """Save the three serving files as BentoML model ``serve.bento_model``, or reuse the stored one.
 
-    Reuses the store's latest model when it already carries ``registry_version``; otherwise creates a new
-    model version (BentoML writes it to a temp dir and moves it into the store only when complete).
+    ``registry_model`` defaults to ``settings.registered_model_name()`` and ``run_id`` to meta.json's.
+    Reuses the store's latest model only when its registered model, version, run id and ONNX MD5 all
+    match; otherwise creates a new model version (BentoML writes it to a temp dir and moves it into the
+    store only when complete).
     """
     sources = dict(zip(MODEL_FILES, (Path(onnx_path), Path(classmap_path), Path(meta_path)), strict=True))
     missing = [str(path) for path in sources.values() if not path.is_file()]
@@ -79,29 +93,34 @@ def store_model(
         meta = json.loads(sources["meta.json"].read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PackageError(f"{sources['meta.json']}: not valid JSON ({exc})") from None
+    registered = registry_model or settings.registered_model_name()
+    run = str(run_id or meta.get("run_id") or "")  # BentoML labels and metadata refuse None
+    identity = {
+        LABEL_REGISTRY_MODEL: registered,
+        LABEL_REGISTRY_VERSION: registry_version,
+        LABEL_RUN_ID: run,
+        LABEL_ONNX_MD5: _md5_of(sources["model.onnx"]),
+    }
     name = settings.serve.bento_model
     latest = latest_model(name)
-    if latest is not None and latest.info.labels.get(LABEL_REGISTRY_VERSION) == registry_version:
-        log.info("BentoML model %s already holds registry version %s: reused", latest.tag, registry_version)
+    if latest is not None and all(latest.info.labels.get(key) == value for key, value in identity.items()):
+        log.info("BentoML model %s already holds %s version %s (run %s): reused", latest.tag, registered,
+                 registry_version, run or "unknown")
         return str(latest.tag)
     dataset = str(meta.get("dataset", settings.data.dataset))
-    labels = {
-        LABEL_REGISTRY_VERSION: registry_version,
-        "registry_model": settings.registry.model_name,
-        "dataset": dataset,
-    }
+    labels = {**identity, "dataset": dataset}
     metadata = {
-        "registry_model": settings.registry.model_name,
+        "registry_model": registered,
         "registry_version": registry_version,
         "dataset": dataset,
         "num_classes": _count_rows(sources["classmap.csv"]),
         "metrics": {key: float(value) for key, value in metrics.items()},
-        "run_id": str(meta.get("run_id") or ""),  # BentoML metadata refuses None
+        "run_id": run,
     }
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
         for file_name, source in sources.items():
             shutil.copyfile(source, model.path_of(file_name))
-    log.info("saved BentoML model %s (registry version %s)", model.tag, registry_version)
+    log.info("saved BentoML model %s (%s version %s)", model.tag, registered, registry_version)
     return str(model.tag)
 
 
@@ -115,17 +134,24 @@ def latest_model(name: str) -> Any | None:
 
 
 def write_report(settings: Settings, tag: str) -> Path:
-    """``reports/bento_model.json``: the stored tag and the registry version it holds."""
+    """``reports/bento_model.json``: the stored tag and the registered model, version and run it holds."""
     model = bentoml.models.get(tag)
     path = settings.path("reports") / REPORT_FILE
     report = {
         "tag": tag,
         "registry_model": model.info.metadata.get("registry_model"),
         "registry_version": model.info.labels.get(LABEL_REGISTRY_VERSION),
+        "run_id": model.info.metadata.get("run_id"),
+        "onnx_md5": model.info.labels.get(LABEL_ONNX_MD5),
         "dataset": model.info.metadata.get("dataset"),
         "metrics": model.info.metadata.get("metrics", {}),
     }
     return write_json(path, report, sort_keys=True)
+
+
+def _md5_of(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
 
 
 def _count_rows(classmap_path: Path) -> int:

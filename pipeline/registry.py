@@ -3,8 +3,10 @@
 Every version carries its test metrics, dataset, data checksums and git commit as tags. The champion
 alias (what serving deploys) moves only when the new version's test balanced accuracy is strictly better
 than the current champion's on the same dataset; otherwise the version becomes the challenger and the
-reason is recorded. A version is created with ``status=pending`` and flipped to ``ready`` as the very last
-step; on any failure the alias change is rolled back and the version is tagged ``status=failed``.
+reason is recorded. Each dataset has its own registered model (``Settings.registered_model_name()``), so
+a synthetic smoke run never competes with, or gets served instead of, a K49 model. A version is created
+with ``status=pending`` and flipped to ``ready`` as the very last step; on any failure after it exists the
+alias change is rolled back and the version is tagged ``status=failed`` with the reason.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def run(settings: Settings) -> dict[str, Any]:
     from pipeline.evaluate import read_train_run
 
     client = _client(settings)
-    name = settings.registry.model_name
+    name = settings.registered_model_name()
     run_id = read_train_run(settings.path("models") / RUN_FILE)
     try:
         train_run = client.get_run(run_id)
@@ -77,18 +79,8 @@ def run(settings: Settings) -> dict[str, Any]:
         base_tags[tracking.TAG_GIT_COMMIT] = commit
 
     _ensure_registered_model(client, name)
-    version = _existing_version(client, name, run_id)
-    if version is None:
-        version = mlflow.register_model(f"runs:/{run_id}/{tracking.MODEL_ARTIFACT}", name,
-                                        tags={**base_tags, TAG_STATUS: STATUS_PENDING})
-        log.info("registered %s version %s from run %s", name, version.version, run_id)
-    else:
-        log.info("run %s is already %s version %s: re-deciding its aliases", run_id, name, version.version)
-    number = str(version.version)  # MLflow returns int or str depending on the call
-
     aliases = settings.registry
-    previous = _version_by_alias(client, name, aliases.champion_alias)
-    previous_number = str(previous.version) if previous else None
+    number: str | None = None  # set as soon as the version exists: from then on a failure marks it failed
     undo: list[tuple[str, str | None]] = []  # (alias, version it pointed to before this stage)
 
     def point(alias: str, target: str | None) -> None:
@@ -103,6 +95,16 @@ def run(settings: Settings) -> dict[str, Any]:
             client.set_registered_model_alias(name, alias, target)
 
     try:
+        version = _existing_version(client, name, run_id)
+        if version is None:
+            version = _create_version(client, name, run_id, {**base_tags, TAG_STATUS: STATUS_PENDING})
+            log.info("registered %s version %s from run %s", name, version.version, run_id)
+        else:
+            log.info("run %s is already %s version %s: re-deciding its aliases", run_id, name,
+                     version.version)
+        number = str(version.version)  # MLflow returns int or str depending on the call
+        previous = _version_by_alias(client, name, aliases.champion_alias)
+        previous_number = str(previous.version) if previous else None
         for key, value in base_tags.items():
             client.set_model_version_tag(name, number, key, value)
         decision, reason = decide(metrics[HEADLINE_METRIC], base_tags[tracking.TAG_DATASET], number,
@@ -136,7 +138,8 @@ def run(settings: Settings) -> dict[str, Any]:
         write_json(settings.path("reports") / REPORT_FILE, report)
         client.set_model_version_tag(name, number, TAG_STATUS, STATUS_READY)
     except BaseException as exc:
-        _roll_back(client, name, number, undo, exc)
+        if number is not None:
+            _roll_back(client, name, number, undo, exc)
         raise
     log.info("%s version %s: %s (%s)", name, number, decision, reason)
     return report
@@ -153,7 +156,7 @@ def decide(new_value: float, new_dataset: str, new_version: str, champion: Any |
     if old_dataset and old_dataset != new_dataset:
         return DECISION_CHALLENGER, (
             f"trained on {new_dataset!r} but {champion_alias} v{champion.version} on {old_dataset!r}: scores "
-            "are not comparable; use a separate registry.model_name per dataset"
+            "are not comparable; check that data.dataset matches the training run"
         )
     old_value = _float(champion.tags.get(HEADLINE_METRIC))
     if old_value is None:
@@ -169,7 +172,7 @@ def decide(new_value: float, new_dataset: str, new_version: str, champion: Any |
 def champion_artifacts(settings: Settings, dest_dir: Path) -> dict[str, Any]:
     """Download the champion's serving files (``onnx/``) into ``dest_dir``; return paths, version, metrics."""
     client = _client(settings)
-    name, alias = settings.registry.model_name, settings.registry.champion_alias
+    name, alias = settings.registered_model_name(), settings.registry.champion_alias
     version = _version_by_alias(client, name, alias)
     if version is None:
         raise RegistryError(f"registered model {name!r} has no {alias!r} version at "
@@ -230,6 +233,28 @@ def _ensure_registered_model(client: mlflow.MlflowClient, name: str) -> None:
     except MlflowException as exc:
         if not _is(exc, RESOURCE_ALREADY_EXISTS):
             raise
+
+
+def _create_version(client: mlflow.MlflowClient, name: str, run_id: str, tags: dict[str, str]) -> Any:
+    """Register the run's model as a new version of ``name``.
+
+    ``mlflow.register_model`` creates the version and then waits for it to become READY; when it fails in
+    that wait (or is interrupted) the version exists but was never returned. The version it created is
+    then looked up and marked failed, so no ``pending`` version is left behind.
+    """
+    before = {str(v.version) for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")}
+    try:
+        return mlflow.register_model(f"runs:/{run_id}/{tracking.MODEL_ARTIFACT}", name, tags=tags)
+    except BaseException as exc:
+        try:
+            created = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+                       if str(v.version) not in before]
+        except Exception:  # the registry is down: the original error is the one to report
+            log.exception("could not look up the %s version being created from run %s", name, run_id)
+            created = []
+        for version in created:
+            _roll_back(client, name, str(version.version), [], exc)
+        raise
 
 
 def _existing_version(client: mlflow.MlflowClient, name: str, run_id: str) -> Any | None:

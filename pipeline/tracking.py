@@ -67,8 +67,9 @@ class TrackingError(RuntimeError):
     """MLflow is not usable as configured; the message says what to change."""
 
 
-# mlflow.set_tracking_uri() also exports $MLFLOW_TRACKING_URI (for child processes). Remember what we
-# set, so a later configure() for another settings root is not mistaken for a user's choice.
+# mlflow.set_tracking_uri() also exports $MLFLOW_TRACKING_URI (for child processes). Remember the local
+# default that configure() computed and mlflow copied there, so a later configure() for another settings
+# root is not mistaken for a user's choice. None while the URI in use is the user's own.
 _uri_set_here: str | None = None
 
 
@@ -87,13 +88,15 @@ def is_remote(uri: str) -> bool:
 
 def configure(settings: Settings) -> str:
     """Point MLflow at the tracking store and experiment of ``settings``; return the experiment id."""
+    global _uri_set_here
     uri = tracking_uri(settings)
+    env = os.environ.get(TRACKING_URI_ENV, "").strip()
+    user_set = bool(env) and env != _uri_set_here
     if not is_remote(uri):
         settings.path("mlflow").mkdir(parents=True, exist_ok=True)
-    global _uri_set_here
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    _uri_set_here = os.environ.get(TRACKING_URI_ENV, "").strip() or None
+    _uri_set_here = None if user_set else uri
     client = mlflow.MlflowClient(uri)
     name = settings.mlflow.experiment
     experiment = client.get_experiment_by_name(name)

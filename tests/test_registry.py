@@ -1,4 +1,5 @@
-"""Model registry on a real MLflow SQLite store (one per module): champion/challenger, rollback, export."""
+"""Model registry on a real MLflow SQLite store (one per module): champion/challenger, rollback, export,
+and packaging the champion into a real BentoML model store in a temp dir."""
 
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def client(settings: Settings) -> mlflow.MlflowClient:
 
 def alias_version(settings: Settings, alias: str) -> str | None:
     try:
-        return str(client(settings).get_model_version_by_alias(settings.registry.model_name, alias).version)
+        version = client(settings).get_model_version_by_alias(settings.registered_model_name(), alias)
+        return str(version.version)
     except mlflow.exceptions.MlflowException:
         return None
 
@@ -111,7 +113,8 @@ def test_champion_moves_only_on_improvement(settings: Settings, trained_run: Tra
     assert third["previous_champion_test_balanced_accuracy"] == pytest.approx(0.80)
     assert alias_version(cfg, champion) == "3" and alias_version(cfg, challenger) == "2"
 
-    version = client(cfg).get_model_version("ladder", "3")
+    assert cfg.registered_model_name() == "ladder-synthetic"
+    version = client(cfg).get_model_version("ladder-synthetic", "3")
     assert version.tags["status"] == "ready"
     assert float(version.tags["test_balanced_accuracy"]) == pytest.approx(0.85)
     assert version.tags["dataset"] == "synthetic"
@@ -120,13 +123,13 @@ def test_champion_moves_only_on_improvement(settings: Settings, trained_run: Tra
     if tracking.git_commit(PROJECT_ROOT):
         assert len(version.tags["git_commit"]) == 40
     assert version.description.startswith("champion: test_balanced_accuracy 0.850000 beats champion v1")
-    loser = client(cfg).get_model_version("ladder", "2")
+    loser = client(cfg).get_model_version("ladder-synthetic", "2")
     assert loser.tags["decision"] == "challenger" and "0.700000" in loser.tags["decision_reason"]
 
     # Re-running the stage for the same training run decides again but never duplicates the version.
     again = registry.run(cfg)
     assert (again["version"], again["decision"]) == ("3", "champion")
-    assert len(client(cfg).search_model_versions("name = 'ladder'")) == 3
+    assert len(client(cfg).search_model_versions("name = 'ladder-synthetic'")) == 3
 
     served = registry.champion_artifacts(cfg, cfg.root / "champion")
     assert served["version"] == "3" and served["metrics"]["test_balanced_accuracy"] == pytest.approx(0.85)
@@ -147,7 +150,7 @@ def test_failure_after_registration_rolls_back(settings: Settings, trained_run: 
     (blocker / "keep").write_text("x")  # ... but the report cannot be written
     with pytest.raises(OSError):
         registry.run(cfg)
-    failed = client(cfg).get_model_version("rollback", "2")
+    failed = client(cfg).get_model_version("rollback-synthetic", "2")
     assert failed.tags["status"] == "failed" and "failure_reason" in failed.tags
     assert alias_version(cfg, cfg.registry.champion_alias) == "1"  # the champion was put back
     with pytest.raises(registry.RegistryError, match="run the register stage"):
@@ -159,6 +162,99 @@ def test_failure_after_registration_rolls_back(settings: Settings, trained_run: 
     assert registry.champion_artifacts(cfg, cfg.root / "served")["version"] == "3"
 
 
+@pytest.mark.slow
+def test_error_after_creating_a_version_marks_it_failed(settings: Settings, trained_run: TrainedRun) -> None:
+    cfg = named(settings, "pending")
+    broken = cfg.with_overrides({"registry.champion_alias": "bad alias!"})  # MLflow refuses the lookup
+    trained_run(cfg, 0.70)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="Invalid alias name"):
+        registry.run(broken)
+    created = client(cfg).get_model_version("pending-synthetic", "1")
+    assert created.tags["status"] == "failed"  # not left "pending"
+    assert "Invalid alias name" in created.tags["failure_reason"]
+    retried = registry.run(cfg)  # the failed version is ignored; a clean one takes its place
+    assert (retried["version"], retried["decision"]) == ("2", "champion")
+
+
+@pytest.fixture
+def bento_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A real, empty BentoML model store in ``tmp_path`` for this test (the user's store is untouched)."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models.model import ModelStore
+
+    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
+    path = tmp_path / "bentoml-models"
+    path.mkdir()
+    BentoMLContainer.model_store.set(ModelStore(str(path)))
+    try:
+        yield path
+    finally:
+        BentoMLContainer.model_store.reset()
+
+
+@pytest.mark.slow
+def test_each_dataset_has_its_own_champion_and_bento_model(settings: Settings, trained_run: TrainedRun,
+                                                           bento_store: Path) -> None:
+    import bentoml
+
+    from pipeline import bento
+
+    synthetic = named(settings, "perdata")
+    k49 = synthetic.with_overrides({"data.dataset": "k49"})
+    synthetic_run = trained_run(synthetic, 0.95)
+    assert registry.run(synthetic)["decision"] == "champion"
+    k49_run = trained_run(k49, 0.40)  # worse than the synthetic champion, but on other data
+    k49_report = registry.run(k49)
+    assert (k49_report["model_name"], k49_report["version"], k49_report["decision"]) == (
+        "perdata-k49", "1", "champion")
+    assert alias_version(synthetic, "champion") == "1" and alias_version(k49, "champion") == "1"
+    assert registry.champion_artifacts(k49, k49.root / "k49-champion")["run_id"] == k49_run
+
+    # Both registered models are at version 1: the package stage must not reuse the synthetic model.
+    synthetic_tag = bento.import_champion(synthetic)
+    k49_tag = bento.import_champion(k49)
+    assert k49_tag != synthetic_tag
+    labels = bentoml.models.get(k49_tag).info.labels
+    assert (labels["registry_model"], labels["registry_version"], labels["run_id"]) == ("perdata-k49", "1",
+                                                                                        k49_run)
+    assert labels["onnx_md5"] == bento._md5_of(k49.root / "exported" / "model.onnx")
+    assert bentoml.models.get(synthetic_tag).info.labels["run_id"] == synthetic_run
+    assert bento.import_champion(k49) == k49_tag  # same model, version, run and bytes: reused
+    assert len(bentoml.models.list(settings.serve.bento_model)) == 2
+    report = json.loads((k49.path("reports") / bento.REPORT_FILE).read_text(encoding="utf-8"))
+    assert (report["tag"], report["registry_model"], report["run_id"]) == (k49_tag, "perdata-k49", k49_run)
+
+
+def test_bento_model_is_reused_only_for_the_same_model_version_run_and_bytes(
+        settings: Settings, bento_store: Path, tmp_path: Path) -> None:
+    import bentoml
+
+    from pipeline import bento
+
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "model.onnx").write_bytes(b"first onnx bytes")
+    (files / "classmap.csv").write_text("index,codepoint,char\n0,U+3042,あ\n", encoding="utf-8")
+    (files / "meta.json").write_text(json.dumps({"run_id": "a" * 32}), encoding="utf-8")
+
+    def store(**identity: str) -> str:
+        return bento.store_model(settings, onnx_path=files / "model.onnx", classmap_path=files / "classmap.csv",
+                                 meta_path=files / "meta.json", metrics={}, **identity)
+
+    first = store(registry_version="1")
+    assert bentoml.models.get(first).info.labels["registry_model"] == settings.registered_model_name()
+    assert store(registry_version="1") == first  # identical: reused
+    tags = {first}
+    for identity in ({"registry_version": "1", "registry_model": "other-model"},  # another name, same number
+                     {"registry_version": "1", "run_id": "b" * 32},  # another run (e.g. a fresh store)
+                     {"registry_version": "2"}):
+        tag = store(**identity)
+        assert tag not in tags, identity
+        tags.add(tag)
+    (files / "model.onnx").write_bytes(b"other onnx bytes")
+    assert store(registry_version="2") not in tags  # same labels, different ONNX file
+
+
 def test_unevaluated_run_is_refused_before_registering(settings: Settings) -> None:
     cfg = named(settings, "unevaluated")
     with tracking.start_run(cfg, "train") as active:
@@ -168,7 +264,7 @@ def test_unevaluated_run_is_refused_before_registering(settings: Settings) -> No
     (models / "train_run.json").write_text(json.dumps({"run_id": active.info.run_id}), encoding="utf-8")
     with pytest.raises(registry.RegistryError, match="run the evaluate stage first"):
         registry.run(cfg)
-    assert client(cfg).search_model_versions("name = 'unevaluated'") == []
+    assert client(cfg).search_model_versions("name = 'unevaluated-synthetic'") == []
 
 
 def test_decide_rules() -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -29,6 +30,12 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         yield load_settings(root / "params.yaml")
 
 
+@pytest.fixture(autouse=True)
+def no_user_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts as a process whose user set no tracking URI (mlflow exports the one it uses)."""
+    monkeypatch.delenv(tracking.TRACKING_URI_ENV, raising=False)
+
+
 def client(settings: Settings) -> mlflow.MlflowClient:
     return mlflow.MlflowClient(tracking.tracking_uri(settings))
 
@@ -47,6 +54,34 @@ def test_env_uri_wins(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv(tracking.TRACKING_URI_ENV, "http://127.0.0.1:5999")
     assert tracking.tracking_uri(settings) == "http://127.0.0.1:5999"
     assert tracking.is_remote(tracking.tracking_uri(settings))
+
+
+def test_user_env_uri_wins_on_every_configure(settings: Settings, make_settings: Callable[..., Settings],
+                                             monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    store = tmp_path / "user-store"
+    store.mkdir()
+    user_uri = f"sqlite:///{store.resolve() / 'user.db'}"
+    monkeypatch.setenv(tracking.TRACKING_URI_ENV, user_uri)
+    other = make_settings()
+    for cfg in (settings, other, settings):  # mlflow re-exports the URI on each configure()
+        experiment_id = tracking.configure(cfg)
+        assert tracking.tracking_uri(cfg) == user_uri
+        assert mlflow.get_tracking_uri() == user_uri
+    assert mlflow.MlflowClient(user_uri).get_experiment(experiment_id).name == settings.mlflow.experiment
+    assert not (other.path("mlflow") / tracking.DB_FILE).exists()
+
+
+def test_settings_roots_without_env_keep_separate_stores(settings: Settings,
+                                                         make_settings: Callable[..., Settings]) -> None:
+    def local(cfg: Settings) -> str:
+        return f"sqlite:///{cfg.path('mlflow').resolve() / tracking.DB_FILE}"
+
+    other = make_settings()
+    for cfg in (settings, other, settings):
+        tracking.configure(cfg)
+        assert os.environ[tracking.TRACKING_URI_ENV] == local(cfg)  # exported by mlflow, not the user's
+        assert tracking.tracking_uri(cfg) == mlflow.get_tracking_uri() == local(cfg)
+    assert (other.path("mlflow") / tracking.DB_FILE).is_file()
 
 
 def test_successful_run_is_tagged_and_finished(settings: Settings) -> None:
