@@ -8,6 +8,8 @@ missing. Several worker processes (``--workers N``, or other machines on the sam
 
 Each trial trains SpinalVGG on a per-class subset for ``tune.epochs`` epochs through ``train.fit`` and is a
 nested MLflow run under one parent ``tune`` run, with its parameters, per-epoch curves and final state.
+The parent run's id is a study user attribute, so a resumed study (rerun, other workers) keeps nesting
+under the same parent. A trial that raises (e.g. out of memory) is recorded FAILED and the study goes on.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from typing import Any
 import mlflow
 import optuna
 import yaml
+from mlflow.exceptions import MlflowException
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline import files
+from pipeline import files, tracking
 from pipeline.config import ConfigError, Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -45,11 +48,18 @@ SUMMARY_FILE = "summary.json"
 TRIALS_FILE = "trials.csv"
 HASH_CHARS = 10  # short study-name suffix; collisions within one storage are what matters
 OWNER_ATTR = "owner"  # trial user attr: the process running it, to fail trials of killed processes
+SEARCH_MAX_RESULTS = 1000  # MLflow runs fetched per search (RUNNING trial runs of one study: a handful)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the one MLflow "tune" run all trials nest under
+FAIL_REASON_ATTR = "fail_reason"  # trial user attr: why a trial FAILED
+FAIL_REASON_MAX_CHARS = 1000  # head of the error message kept in the study (tracebacks go to the log)
 # Settings that change how a trial runs but not what it measures: left out of the study hash so that
 # e.g. raising n_trials or adding workers resumes the same study.
 _EXECUTION_ONLY_TUNE = ("n_trials", "timeout_s", "workers", "study_name", "storage", "heartbeat_s")
-_EXECUTION_ONLY_TRAIN = ("device", "eval_batch_size", "epochs", "max_train_per_class", "max_val_per_class")
+# On top of train.FINGERPRINT_EXCLUDED (device, compile, eval batch, subsets): a trial trains for
+# tune.epochs, and mixed precision / memory layout are speed knobs of the same objective. (A training
+# checkpoint keeps them in its fingerprint: its optimiser state depends on them; a study does not.)
+_EXECUTION_ONLY_TRAIN_EXTRA = ("epochs", "amp", "channels_last")
 
 
 class TuneError(RuntimeError):
@@ -61,6 +71,9 @@ class TuneError(RuntimeError):
 
 def study_name(settings: Settings, data_fingerprint: str) -> str:
     """``tune.study_name`` + a short hash of the search space, the data and what the objective depends on."""
+    from pipeline.train import FINGERPRINT_EXCLUDED
+
+    excluded_train = FINGERPRINT_EXCLUDED.union(_EXECUTION_ONLY_TRAIN_EXTRA)
     resolved = settings.resolved()
     identity = {
         "seed": settings.seed,
@@ -68,7 +81,7 @@ def study_name(settings: Settings, data_fingerprint: str) -> str:
         "tune": {k: v for k, v in resolved["tune"].items() if k not in _EXECUTION_ONLY_TUNE},
         "model": resolved["model"],
         "augment": resolved["augment"],
-        "train": {k: v for k, v in resolved["train"].items() if k not in _EXECUTION_ONLY_TRAIN},
+        "train": {k: v for k, v in resolved["train"].items() if k not in excluded_train},
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return f"{settings.tune.study_name}-{digest[:HASH_CHARS]}"
@@ -148,12 +161,54 @@ def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage)
         if owner is None or _owner_alive(owner) is not False:
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-        storage.set_trial_user_attr(trial_id, "fail_reason", f"tuning process {owner['pid']} died")
+        storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, f"tuning process {owner['pid']} died")
         storage.set_trial_state_values(trial_id, TrialState.FAIL)
         stale.append(trial.number)
     if stale:
         log.warning("marked trials %s FAILED: their tuning process on this host is gone", stale)
     return stale
+
+
+def fail_stale_trial_runs(settings: Settings, name: str, numbers: Sequence[int]) -> None:
+    """End the MLflow runs of trials :func:`fail_stale_trials` failed (their process died mid-run)."""
+    if not numbers:
+        return
+    client = mlflow.MlflowClient(tracking.tracking_uri(settings))
+    experiment = client.get_experiment_by_name(settings.mlflow.experiment)
+    if experiment is None:
+        return
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`optuna.study` = '{name}' AND attributes.status = 'RUNNING'",
+        max_results=SEARCH_MAX_RESULTS,
+    )
+    wanted = {str(number) for number in numbers}
+    for run in (r for r in runs if r.data.tags.get("optuna.trial") in wanted):
+        client.set_tag(run.info.run_id, "optuna.state", TrialState.FAIL.name)
+        client.set_tag(run.info.run_id, tracking.TAG_FAILURE, "tuning process died")
+        client.set_terminated(run.info.run_id, status="FAILED")
+
+
+def parent_run_id(settings: Settings, study: optuna.Study, experiment_id: str) -> str | None:
+    """The study's MLflow parent run to resume, or None when there is none yet or it cannot be used.
+
+    A run recorded by an earlier attempt may be gone from the current tracking store (another
+    ``MLFLOW_TRACKING_URI``, a deleted run or another ``mlflow.experiment``): a new parent is started then.
+    """
+    run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    if not run_id:
+        return None
+    try:
+        run = mlflow.MlflowClient(tracking.tracking_uri(settings)).get_run(run_id)
+    except MlflowException:
+        run = None
+    if run is None or run.info.lifecycle_stage != "active" or run.info.experiment_id != experiment_id:
+        log.warning(
+            "MLflow parent run %s of study %s is not in experiment %r at %s: starting a new parent run",
+            run_id, study.study_name, settings.mlflow.experiment, tracking.tracking_uri(settings),
+        )
+        return None
+    return run_id
 
 
 # ----------------------------------------------------------------------------------------- objective
@@ -216,7 +271,7 @@ class Objective:
         self.parent_run_id = parent_run_id
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from pipeline import tracking, train
+        from pipeline import train
 
         trial.set_user_attr(OWNER_ATTR, _owner())
         params = {key: suggest(trial, key, dim) for key, dim in self.settings.tune.search_space.items()}
@@ -249,9 +304,13 @@ class Objective:
                     self.data.pixel_std,
                     callbacks=(report,),
                 )
+                if best == -math.inf:
+                    raise TuneError("train.fit reported no epoch: the trial has no value")
             except optuna.TrialPruned:
                 state = TrialState.PRUNED
-            except BaseException:
+            except BaseException as exc:
+                # e.g. CUDA out of memory for a large batch: the trial FAILS, the study goes on.
+                trial.set_user_attr(FAIL_REASON_ATTR, f"{type(exc).__name__}: {exc}"[:FAIL_REASON_MAX_CHARS])
                 mlflow.set_tag("optuna.state", TrialState.FAIL.name)
                 raise  # start_run marks the MLflow run FAILED; optimize(catch=...) records the trial FAILED
             mlflow.set_tag("optuna.state", state.name)
@@ -259,8 +318,6 @@ class Objective:
                 mlflow.log_metric(f"best_{OBJECTIVE}", best)
         if state == TrialState.PRUNED:
             raise optuna.TrialPruned()
-        if best == -math.inf:
-            raise TuneError("train.fit reported no epoch: the trial has no value")
         return best
 
 
@@ -304,8 +361,6 @@ def optimize_worker(
     torch_threads: int | None = None,
 ) -> None:
     """Run trials on the shared study until it holds ``tune.n_trials`` finished trials (or the timeout)."""
-    from pipeline import tracking
-
     if torch_threads:
         import torch
 
@@ -442,8 +497,6 @@ def log_study_figures(study: optuna.Study) -> list[str]:
 
 def run(settings: Settings, workers: int | None = None) -> dict[str, Any]:
     """The tune stage: run (or resume) the study and write best params and reports."""
-    from pipeline import tracking
-
     workers = workers or settings.tune.workers
     if settings.tune.n_trials == 0:
         log.info("tune.n_trials is 0: tuning disabled, writing empty best params (train uses params.yaml)")
@@ -451,17 +504,26 @@ def run(settings: Settings, workers: int | None = None) -> dict[str, Any]:
     name = study_name(settings, data_fingerprint(settings))
     storage = open_storage(settings)
     study = _study(settings, name, worker_index=0, storage=storage)
-    fail_stale_trials(study, storage)
+    stale = fail_stale_trials(study, storage)
     already = finished_count(study)
     log.info(
         "study %s in %s: %d/%d trials finished, %d worker(s)",
         name, storage_label(settings), already, settings.tune.n_trials, workers,
     )
-    tracking.configure(settings)
+    experiment_id = tracking.configure(settings)
+    fail_stale_trial_runs(settings, name, stale)
+    resume_id = parent_run_id(settings, study, experiment_id)
     tags = {"optuna.study": name}
-    with tracking.start_run(settings, "tune", tags=tags):
-        tracking.log_settings(settings)
-        parent_id = mlflow.active_run().info.run_id
+    with tracking.start_run(settings, "tune", run_id=resume_id, tags=tags) as active:
+        parent_id = active.info.run_id
+        if resume_id is None:
+            # A resumed parent keeps the settings of its first attempt: the study hash pins everything
+            # that matters, so later attempts can differ only in execution settings (MLflow params are
+            # immutable, re-logging a changed one would fail).
+            tracking.log_settings(settings)
+            study.set_user_attr(PARENT_RUN_ATTR, parent_id)
+        else:
+            log.info("resuming MLflow parent run %s of study %s", parent_id, name)
         if already < settings.tune.n_trials:
             run_workers(settings, name, parent_id, workers)
         study = optuna.load_study(study_name=name, storage=open_storage(settings))
