@@ -22,7 +22,6 @@ from pipeline.files import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
-BUNDLE_FILE = "model.pt"
 RUN_FILE = "train_run.json"
 EVAL_DIR = "eval"
 FIGURES_DIR = "figures"
@@ -215,14 +214,14 @@ def run(settings: Settings) -> dict[str, Any]:
     from pipeline import data, tracking, train
 
     models = settings.path("models")
-    model, meta = train.load_bundle(models / BUNDLE_FILE)
+    model, meta = train.load_bundle(models / train.BUNDLE_FILE)
     run_id = read_train_run(models / RUN_FILE)
     test = data.load_test(settings)
     chars = [str(char) for char in meta.get("classes", [])]
     num_classes = int(model.num_classes)
     if len(chars) != num_classes:
         raise EvaluationError(
-            f"{models / BUNDLE_FILE}: the model has {num_classes} outputs but its class map lists "
+            f"{models / train.BUNDLE_FILE}: the model has {num_classes} outputs but its class map lists "
             f"{len(chars)} characters; re-run the train stage"
         )
     if len(test) and int(test.labels.max()) >= num_classes:

@@ -27,7 +27,6 @@ from pipeline.files import write_json
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "train_run.json"
 REPORT_FILE = "registry.json"
 HEADLINE_METRIC = "test_balanced_accuracy"
 TEST_METRICS = ("test_balanced_accuracy", "test_accuracy", "test_macro_f1")
@@ -58,7 +57,7 @@ def _is(exc: MlflowException, code: int) -> bool:
 
 def run(settings: Settings) -> dict[str, Any]:
     """Register stage: new model version from ``models/train_run.json``'s run, then champion/challenger."""
-    from pipeline.evaluate import read_train_run
+    from pipeline.evaluate import RUN_FILE, read_train_run
 
     client = _client(settings)
     name = settings.registered_model_name()

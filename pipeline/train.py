@@ -47,10 +47,7 @@ CHECKPOINT_RUN_FILE = "train_run.json"  # next to the checkpoint: the MLflow run
 CHECKPOINT_VERSION = 1
 BUNDLE_FILE = "model.pt"
 BUNDLE_VERSION = 1
-ONNX_FILE = "model.onnx"
 RUN_FILE = "train_run.json"
-META_FILE = "meta.json"
-CLASSMAP_FILE = "classmap.csv"
 ONNX_EXAMPLE_IMAGES = 8  # validation images used to trace and verify the ONNX export
 AUGMENT_PREVIEW_CLASSES = 8  # columns of the augmented-samples figure (one class each)
 AUGMENT_PREVIEW_DRAWS = 3  # augmented rows under the original row
@@ -574,7 +571,7 @@ def run(settings: Settings) -> dict[str, Any]:
     if settings.train.max_val_per_class:
         val = data.subset_per_class(val, settings.train.max_val_per_class, settings.seed)
     stats = data.read_stats(settings)
-    classmap_path = settings.path("prepared") / CLASSMAP_FILE
+    classmap_path = settings.path("prepared") / data.CLASSMAP_NAME
     classmap = data.load_classmap(classmap_path)
     num_classes = len(classmap)
     mean, std = float(stats["pixel_mean"]), float(stats["pixel_std"])
@@ -631,9 +628,10 @@ def run(settings: Settings) -> dict[str, Any]:
         }
         bundle_path = save_bundle(models_dir / BUNDLE_FILE, result.model, meta)
         example = val.images[:ONNX_EXAMPLE_IMAGES].astype(np.float32)[:, None]
-        onnx_path = export.export_onnx(result.model, models_dir / ONNX_FILE, example)
-        write_json(models_dir / META_FILE, meta)
-        shutil.copyfile(classmap_path, models_dir / CLASSMAP_FILE)
+        # The serving companions, named as tracking.log_model expects to find them beside the ONNX file.
+        onnx_path = export.export_onnx(result.model, models_dir / tracking.ONNX_FILE, example)
+        write_json(models_dir / tracking.META_FILE, meta)
+        shutil.copyfile(classmap_path, models_dir / tracking.CLASSMAP_FILE)
 
         history_path = _write_history(reports_dir / "train" / "history.csv", result.history)
         metrics_path = write_json(reports_dir / "train" / "metrics.json", summary)

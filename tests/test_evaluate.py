@@ -125,7 +125,7 @@ def test_evaluate_stage_end_to_end(
     torch.manual_seed(0)
     model = SpinalVGG(len(classmap), spinal_width=8, dropout=0.5, pixel_mean=0.2, pixel_std=0.3)
     models = settings.path("models")
-    train.save_bundle(models / evaluate.BUNDLE_FILE, model, {"classes": list(classmap.chars)})
+    train.save_bundle(models / train.BUNDLE_FILE, model, {"classes": list(classmap.chars)})
     with tracking.start_run(settings, "train") as active:
         pass
     (models / evaluate.RUN_FILE).write_text(json.dumps({"run_id": active.info.run_id}), encoding="utf-8")
