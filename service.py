@@ -3,8 +3,10 @@
 Two BentoML services (the documented pattern for adaptive batching of single requests):
 
 * ``Kuzushiji`` (the HTTP entry point): ``POST /predict`` (one image file, multipart) and
-  ``POST /predict_batch`` (several files, multipart, or base64 strings in JSON); ``GET /version``;
-  BentoML's ``/livez``, ``/readyz`` and ``/metrics``. It parses uploads in memory within the limits of
+  ``POST /predict_batch`` (several files, multipart, or base64 strings in JSON); ``POST /glyph`` (the
+  28x28 glyph the model reads, as a PNG); ``GET /version``; the page at ``/`` (static files in
+  ``page/``) and the OpenAPI page at ``/docs`` (spec: ``/docs.json``); BentoML's ``/livez``,
+  ``/readyz`` and ``/metrics``. It parses uploads in memory within the limits of
   ``serve.*`` in params.yaml, turns each image into a 28x28 glyph (``pipeline.imaging``) and formats
   the top-k classes.
 * ``Engine``: one batchable ONNX Runtime endpoint. Concurrent requests from ``Kuzushiji`` are merged
@@ -22,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -33,13 +36,15 @@ import bentoml
 import numpy as np
 import onnxruntime as ort
 from bentoml.validators import ContentType
+from PIL import Image
 from pydantic import BaseModel, Field
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from pipeline.config import load_settings
 from pipeline.imaging import GLYPH_SIDE, ImageError, ImageLimits, load_glyph
@@ -387,6 +392,33 @@ async def _version(_: Request) -> JSONResponse:
     return JSONResponse(MODEL_INFO)
 
 
+# The page people use (plain HTML/CSS/JS, nothing fetched from elsewhere) at /; the OpenAPI page moves to
+# /docs: a shell around BentoML's own Swagger UI files (/static_content) and spec (/docs.json).
+PAGE_DIR = Path(__file__).resolve().parent / "page"
+
+
+async def _page(_: Request) -> FileResponse:
+    return FileResponse(PAGE_DIR / "index.html")
+
+
+async def _api_docs(_: Request) -> FileResponse:
+    return FileResponse(PAGE_DIR / "docs.html")
+
+
+WEB_ROUTES = [
+    Route("/", _page, methods=["GET"]),
+    Route("/docs", _api_docs, methods=["GET"]),
+    Route("/version", _version, methods=["GET"]),
+    Mount("/page", StaticFiles(directory=PAGE_DIR), name="page"),
+]
+
+
+def _png(glyph: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(glyph, mode="L").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 _IMAGES = bentoml.metrics.Counter(
     name="kuzushiji_images", documentation="images received, by endpoint and outcome",
     labelnames=["endpoint", "outcome"],
@@ -397,7 +429,7 @@ _REQUEST_IMAGES = bentoml.metrics.Histogram(
 )
 
 
-@bentoml.asgi_app(Starlette(routes=[Route("/version", _version, methods=["GET"])]), path="/")
+@bentoml.asgi_app(Starlette(routes=WEB_ROUTES), path="/")
 @bentoml.service(
     name="kuzushiji",
     workers=1,
@@ -448,6 +480,20 @@ class Kuzushiji:
         results = [ImageResult(filename=upload.filename, predictions=self._top(row, k))
                    for upload, row in zip(images, probabilities, strict=True)]
         return BatchPrediction(model_version=MODEL_INFO["registry_version"], results=results)
+
+    @bentoml.api(route="/glyph", input_spec=PredictInput)
+    async def glyph(self, image: Any, top_k: Any = None) -> Annotated[Path, ContentType("image/png")]:
+        """The 28x28 glyph the model reads for one image file (pipeline.imaging's preprocessing), as a PNG.
+
+        Read-only: nothing is classified or counted. ``top_k`` is accepted (the form is predict's) and unused.
+        """
+        try:
+            if isinstance(image, RequestProblem):
+                raise image
+            glyphs = await self._glyphs([image], "predict")  # one image: predict's wording in errors
+        except RequestProblem as problem:
+            return problem.response()  # type: ignore[return-value]
+        return Response(_png(glyphs[0]), media_type="image/png")  # type: ignore[return-value]
 
     async def _classify(self, glyphs: np.ndarray) -> np.ndarray:
         try:

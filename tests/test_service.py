@@ -1,94 +1,39 @@
 """End to end: a real `bentoml serve` on 127.0.0.1 serving a SpinalVGG trained seconds on rendered glyphs.
 
-One server per module: the model is trained, exported to ONNX, imported into a BentoML store under
-tmp (BENTOML_HOME) with ``python -m pipeline.bento store`` and served; every test talks HTTP to it.
+One server per module (``tests.served_model``): the model is trained, exported to ONNX, imported into a
+BentoML store under tmp (BENTOML_HOME) and served; every test talks HTTP to it.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
-import torch
 import yaml
 
-from pipeline.data import OFFICIAL_CLASSMAPS
-from pipeline.export import export_onnx
-from pipeline.model import SpinalVGG
-from pipeline.synthetic import render_glyph
 from tests import bad_inputs
-from tests.support import PROJECT_ROOT, background_process, free_port
+from tests.served_model import TRAIN_CLASSES, serve_tiny_model
+from tests.support import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
-TRAIN_CLASSES = 10  # the first K49 classes: あ い う え お か き く け こ
-PER_CLASS = 40
-EPOCHS = 5
 TOP_K = 3
 MAX_BATCH_IMAGES = 8  # small, so "too many images" is cheap to send
 MAX_UPLOAD_BYTES = 1_000_000
 MAX_REQUEST_BYTES = 3_000_000  # below MAX_BATCH_IMAGES * MAX_UPLOAD_BYTES: the body cap binds first
 
 
-def _train_model(out: Path) -> list[str]:
-    """A SpinalVGG fitted for a few seconds on rendered glyphs; writes the three serving files."""
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    chars = list(OFFICIAL_CLASSMAPS["k49"].chars[:TRAIN_CLASSES])
-    codepoints = list(OFFICIAL_CLASSMAPS["k49"].codepoints[:TRAIN_CLASSES])
-    labels = np.repeat(np.arange(TRAIN_CLASSES), PER_CLASS)
-    images = np.stack([render_glyph(chars[label], rng) for label in labels])
-    x = torch.from_numpy(images.astype(np.float32)[:, None])
-    y = torch.from_numpy(labels)
-    mean, std = float(x.mean() / 255), float(x.std() / 255)
-    model = SpinalVGG(TRAIN_CLASSES, spinal_width=32, dropout=0.1, pixel_mean=mean, pixel_std=std)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(EPOCHS):
-        model.train()
-        for batch in torch.randperm(len(y)).split(32):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
-            optimizer.step()
-    model.eval()
-    export_onnx(model, out / "model.onnx", images[:4].astype(np.float32)[:, None])
-    rows = [f"{i},{cp},{ch}" for i, (cp, ch) in enumerate(zip(codepoints, chars, strict=True))]
-    (out / "classmap.csv").write_text("index,codepoint,char\n" + "\n".join(rows) + "\n", encoding="utf-8")
-    (out / "meta.json").write_text(json.dumps({"dataset": "synthetic", "run_id": "test"}), encoding="utf-8")
-    return chars
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    work = tmp_path_factory.mktemp("service")
-    chars = _train_model(work)
-    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
-    params["serve"].update(max_batch_images=MAX_BATCH_IMAGES, max_upload_bytes=MAX_UPLOAD_BYTES,
-                           max_request_bytes=MAX_REQUEST_BYTES, top_k=TOP_K)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
-    env = {"BENTOML_HOME": str(work / "bentoml"), "KUZUSHIJI_PARAMS": str(work / "params.yaml"),
-           "BENTOML_DO_NOT_TRACK": "True"}
-    store = subprocess.run(
-        [sys.executable, "-m", "pipeline.bento", "store", "--onnx", str(work / "model.onnx"),
-         "--classmap", str(work / "classmap.csv"), "--meta", str(work / "meta.json"), "--registry-version", "7"],
-        cwd=PROJECT_ROOT, env={**os.environ, **env}, capture_output=True, text=True, check=True,
-    )
-    tag = store.stdout.strip().splitlines()[-1]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    bentoml_cli = str(Path(sys.executable).with_name("bentoml"))
-    with background_process(
-        [bentoml_cli, "serve", "service:Kuzushiji", "--host", "127.0.0.1", "--port", str(port)],
-        ready_url=f"{url}/readyz", env=env, cwd=PROJECT_ROOT, log_path=work / "serve.log",
-    ) as process:
-        with httpx.Client(base_url=url, timeout=60.0) as client:
-            yield {"client": client, "chars": chars, "tag": tag, "process": process, "env": env, "work": work}
+    limits = {"max_batch_images": MAX_BATCH_IMAGES, "max_upload_bytes": MAX_UPLOAD_BYTES,
+              "max_request_bytes": MAX_REQUEST_BYTES, "top_k": TOP_K}
+    with serve_tiny_model(tmp_path_factory.mktemp("service"), limits) as served:
+        yield served
 
 
 def _png(char: str) -> bytes:

@@ -1,0 +1,90 @@
+"""A real `bentoml serve` on 127.0.0.1 serving a SpinalVGG trained seconds on rendered glyphs.
+
+Shared by the service tests (HTTP) and the page tests (a browser): the model is trained, exported to ONNX,
+imported into a BentoML store under the given folder (BENTOML_HOME) with ``python -m pipeline.bento store``
+and served on a free port; the server is always stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+import yaml
+
+from pipeline.data import OFFICIAL_CLASSMAPS
+from pipeline.export import export_onnx
+from pipeline.model import SpinalVGG
+from pipeline.synthetic import render_glyph
+from tests.support import PROJECT_ROOT, background_process, free_port
+
+TRAIN_CLASSES = 10  # the first K49 classes: あ い う え お か き く け こ
+PER_CLASS = 40
+EPOCHS = 5
+REGISTRY_VERSION = "7"  # what /version and X-Model-Version must report
+
+
+def train_tiny_model(out: Path) -> list[str]:
+    """A SpinalVGG fitted for a few seconds on rendered glyphs; writes the three serving files."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    chars = list(OFFICIAL_CLASSMAPS["k49"].chars[:TRAIN_CLASSES])
+    codepoints = list(OFFICIAL_CLASSMAPS["k49"].codepoints[:TRAIN_CLASSES])
+    labels = np.repeat(np.arange(TRAIN_CLASSES), PER_CLASS)
+    images = np.stack([render_glyph(chars[label], rng) for label in labels])
+    x = torch.from_numpy(images.astype(np.float32)[:, None])
+    y = torch.from_numpy(labels)
+    mean, std = float(x.mean() / 255), float(x.std() / 255)
+    model = SpinalVGG(TRAIN_CLASSES, spinal_width=32, dropout=0.1, pixel_mean=mean, pixel_std=std)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(EPOCHS):
+        model.train()
+        for batch in torch.randperm(len(y)).split(32):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+    model.eval()
+    export_onnx(model, out / "model.onnx", images[:4].astype(np.float32)[:, None])
+    rows = [f"{i},{cp},{ch}" for i, (cp, ch) in enumerate(zip(codepoints, chars, strict=True))]
+    (out / "classmap.csv").write_text("index,codepoint,char\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    (out / "meta.json").write_text(json.dumps({"dataset": "synthetic", "run_id": "test"}), encoding="utf-8")
+    return chars
+
+
+@contextmanager
+def serve_tiny_model(work: Path, serve_overrides: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """Train, store and serve the tiny model; yields client, url, chars, tag, process, env and work.
+
+    ``serve_overrides`` replace keys of params.yaml's ``serve:`` section for this server only.
+    """
+    chars = train_tiny_model(work)
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params["serve"].update(serve_overrides or {})
+    (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    env = {"BENTOML_HOME": str(work / "bentoml"), "KUZUSHIJI_PARAMS": str(work / "params.yaml"),
+           "BENTOML_DO_NOT_TRACK": "True"}
+    store = subprocess.run(
+        [sys.executable, "-m", "pipeline.bento", "store", "--onnx", str(work / "model.onnx"),
+         "--classmap", str(work / "classmap.csv"), "--meta", str(work / "meta.json"),
+         "--registry-version", REGISTRY_VERSION],
+        cwd=PROJECT_ROOT, env={**os.environ, **env}, capture_output=True, text=True, check=True,
+    )
+    tag = store.stdout.strip().splitlines()[-1]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    bentoml_cli = str(Path(sys.executable).with_name("bentoml"))
+    with background_process(
+        [bentoml_cli, "serve", "service:Kuzushiji", "--host", "127.0.0.1", "--port", str(port)],
+        ready_url=f"{url}/readyz", env=env, cwd=PROJECT_ROOT, log_path=work / "serve.log",
+    ) as process, httpx.Client(base_url=url, timeout=60.0) as client:
+        yield {"client": client, "url": url, "chars": chars, "tag": tag, "process": process, "env": env,
+               "work": work}
