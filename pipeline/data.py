@@ -36,14 +36,22 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import DownloadSettings, Settings
+from pipeline.contract import (
+    CLASSMAP_HEADER,
+    CLASSMAP_SUFFIX,
+    GLYPH_SIDE,
+    MIN_CLASSES,
+    NPZ_KEY,
+    ClassMap,
+    DataError,
+    load_classmap,
+    official_file_names,
+    write_classmap,
+)
 from pipeline.files import FILE_MODE, TEMP_SUFFIX, atomic_path, remove_stale_parts, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SIDE = 28
-NPZ_KEY = "arr_0"  # the one array of each official .npz
-CLASSMAP_HEADER = ("index", "codepoint", "char")
-CLASSMAP_SUFFIX = "_classmap.csv"  # {prefix}_classmap.csv: how a local folder's prefix is found
 OFFICIAL_BASE_URL = "http://codh.rois.ac.jp/kmnist/dataset/{dataset}/"
 MANIFEST_NAME = "manifest.json"
 PREPARED_SPLITS = ("train", "val")
@@ -54,7 +62,6 @@ STATS_NAME = "stats.json"
 SUMMARY_REPORT = "data/summary.json"
 CLASS_COUNTS_REPORT = "data/class_counts.csv"
 SAMPLES_FIGURE = "figures/data_samples.png"
-MIN_CLASSES = 2  # a classifier needs at least two classes
 MIN_PER_CLASS_FOR_SPLIT = 2  # a stratified split puts one image of each class on each side
 # Official images have a black background; a larger mean means the polarity is inverted.
 MAX_MEAN_PIXEL = 127.5
@@ -106,10 +113,6 @@ NO_DOWNLOAD_HINT = (
 )
 
 
-class DataError(RuntimeError):
-    """The data is missing, unreachable or malformed; the message says what, where and what to do."""
-
-
 @dataclass(frozen=True)
 class LabeledImages:
     """Images uint8 (N, 28, 28), white ink on black, with labels int64 (N,)."""
@@ -119,21 +122,6 @@ class LabeledImages:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-@dataclass(frozen=True)
-class ClassMap:
-    """Class index -> Unicode code point ("U+3042") and character."""
-
-    codepoints: tuple[str, ...]
-    chars: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return len(self.chars)
-
-    @classmethod
-    def from_chars(cls, chars: str | tuple[str, ...]) -> ClassMap:
-        return cls(tuple(f"U+{ord(char):04X}" for char in chars), tuple(chars))
 
 
 OFFICIAL_CLASSMAPS: dict[str, ClassMap] = {
@@ -149,17 +137,6 @@ class OfficialData:
     train: LabeledImages
     test: LabeledImages
     classmap: ClassMap
-
-
-def official_file_names(prefix: str) -> dict[str, str]:
-    """File names of the official format, by role."""
-    return {
-        "train_images": f"{prefix}-train-imgs.npz",
-        "train_labels": f"{prefix}-train-labels.npz",
-        "test_images": f"{prefix}-test-imgs.npz",
-        "test_labels": f"{prefix}-test-labels.npz",
-        "classmap": f"{prefix}{CLASSMAP_SUFFIX}",
-    }
 
 
 def _split_roles(split: str) -> tuple[str, str]:
@@ -356,60 +333,6 @@ def _content_length(response: Any) -> int | None:
 # -------------------------------------------------------------------------------------------- validation
 
 
-def load_classmap(path: Path) -> ClassMap:
-    """Read and validate an ``index,codepoint,char`` class map (UTF-8)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: class map not found (expected a CSV with header index,codepoint,char)")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: class map is not UTF-8 text ({exc}); save it as UTF-8") from None
-    rows = [row for row in csv.reader(io.StringIO(text)) if row]
-    if not rows or tuple(cell.strip() for cell in rows[0]) != CLASSMAP_HEADER:
-        got = ",".join(rows[0]) if rows else "an empty file"
-        raise DataError(
-            f"{path}: bad class-map header {got!r}; the first line must be 'index,codepoint,char'"
-        )
-    codepoints, chars = [], []
-    for line, row in enumerate(rows[1:], start=2):
-        if len(row) != len(CLASSMAP_HEADER):
-            raise DataError(f"{path}, line {line}: expected 3 fields index,codepoint,char, got {row!r}")
-        index, codepoint, char = (cell.strip() for cell in row)
-        if index != str(len(chars)):
-            raise DataError(
-                f"{path}, line {line}: class index {index!r} where {len(chars)} was expected; indices must "
-                "be 0, 1, 2, ... in order, one row per class"
-            )
-        if not re.fullmatch(r"U\+[0-9A-Fa-f]{4,6}", codepoint):
-            raise DataError(f"{path}, line {line}: codepoint {codepoint!r} is not of the form U+3042")
-        value = int(codepoint.removeprefix("U+"), 16)
-        if len(char) != 1 or ord(char) != value:
-            raise DataError(
-                f"{path}, line {line}: char {char!r} does not match codepoint {codepoint} ({chr(value)!r})"
-            )
-        codepoints.append(codepoint.upper())
-        chars.append(char)
-    if len(chars) < MIN_CLASSES:
-        raise DataError(
-            f"{path}: the class map declares {len(chars)} class(es); at least {MIN_CLASSES} needed"
-        )
-    if len(set(chars)) != len(chars):
-        duplicates = sorted({char for char in chars if chars.count(char) > 1})
-        raise DataError(
-            f"{path}: the class map lists {duplicates} more than once; each class needs its own char"
-        )
-    return ClassMap(tuple(codepoints), tuple(chars))
-
-
-def write_classmap(classmap: ClassMap, path: Path) -> Path:
-    """Write the official CSV form (header, ``i,U+XXXX,c`` rows, UTF-8, LF)."""
-    lines = [",".join(CLASSMAP_HEADER)]
-    rows = zip(classmap.codepoints, classmap.chars, strict=True)
-    lines += [f"{index},{codepoint},{char}" for index, (codepoint, char) in enumerate(rows)]
-    return write_text(path, "\n".join(lines) + "\n")
-
-
 def read_npz_array(path: Path, key: str = NPZ_KEY) -> np.ndarray:
     """Load one array of an ``.npz`` without pickle; every kind of bad file gets its own DataError."""
     path = Path(path)
@@ -452,9 +375,9 @@ def validate_split(images: np.ndarray, labels: np.ndarray, num_classes: int, whe
         raise DataError(
             f"{where}: images have dtype {images.dtype}, expected uint8 (0..255, white ink on black)"
         )
-    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+    if images.ndim != 3 or images.shape[1:] != (GLYPH_SIDE, GLYPH_SIDE):
         raise DataError(
-            f"{where}: images have shape {images.shape}, expected (N, {IMAGE_SIDE}, {IMAGE_SIDE})"
+            f"{where}: images have shape {images.shape}, expected (N, {GLYPH_SIDE}, {GLYPH_SIDE})"
         )
     if labels.ndim != 1:
         raise DataError(f"{where}: labels have shape {labels.shape}, expected (N,)")

@@ -18,11 +18,11 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from pipeline.config import Settings
+from pipeline.contract import TRAIN_RUN_FILE, TrainRun, softmax
 from pipeline.files import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "train_run.json"
 EVAL_DIR = "eval"
 FIGURES_DIR = "figures"
 METRICS_FILE = "metrics.json"
@@ -96,12 +96,6 @@ def summarize(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[
 
 
 # ---------------------------------------------------------------------------------------- prediction
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def rotate_images(images: np.ndarray, degrees: float) -> np.ndarray:
@@ -215,7 +209,7 @@ def run(settings: Settings) -> dict[str, Any]:
 
     models = settings.path("models")
     model, meta = train.load_bundle(models / train.BUNDLE_FILE)
-    run_id = read_train_run(models / RUN_FILE)
+    run_id = TrainRun.read(models / TRAIN_RUN_FILE).run_id
     test = data.load_test(settings)
     chars = [str(char) for char in meta.get("classes", [])]
     num_classes = int(model.num_classes)
@@ -266,24 +260,6 @@ def run(settings: Settings) -> dict[str, Any]:
     log.info("test metrics: %s", summary)
     return {**summary, "run_id": run_id, "metrics": str(metrics_path),
             "figures": [str(path) for path in figures]}
-
-
-def read_train_run(path: Path) -> str:
-    """The MLflow run id the train stage recorded in ``models/train_run.json``."""
-    try:
-        info = json.loads(Path(path).read_text(encoding="utf-8"))
-        run_id = info["run_id"]
-    except FileNotFoundError:
-        raise EvaluationError(f"{path} not found: run the train stage first (`dvc repro train`)") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise EvaluationError(
-            f"{path} is not a valid train run record ({exc}); re-run the train stage"
-        ) from None
-    if not isinstance(run_id, str) or not run_id:
-        raise EvaluationError(f"{path}: 'run_id' is empty; re-run the train stage")
-    return run_id
-
-
 
 
 def _write_csv(path: Path, frame: pd.DataFrame) -> Path:

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
+
+from pipeline.contract import ONNX_INPUT, ONNX_OUTPUT, onnx_session
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
 # Opset 18 is the dynamo exporter's native opset in torch 2.x and is served by every onnxruntime >= 1.14,
 # so the serving image is not tied to the newest runtime.
 ONNX_OPSET = 18
@@ -59,8 +58,8 @@ def export_onnx(model: torch.nn.Module, path: Path, example: np.ndarray) -> Path
                 cpu_model,
                 (torch.from_numpy(trace_input),),
                 str(tmp),
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                input_names=[ONNX_INPUT],
+                output_names=[ONNX_OUTPUT],
                 dynamic_shapes=({0: torch.export.Dim(BATCH_AXIS, min=1)},),
                 opset_version=ONNX_OPSET,
                 dynamo=True,
@@ -81,14 +80,6 @@ def export_onnx(model: torch.nn.Module, path: Path, example: np.ndarray) -> Path
         tmp.unlink(missing_ok=True)
     log.info("exported ONNX model to %s (opset %d, verified atol %g)", path, ONNX_OPSET, VERIFY_ATOL)
     return path
-
-
-def onnx_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session for ``path`` (``threads`` = intra-op threads, None = runtime default)."""
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def _check_example(example: np.ndarray) -> np.ndarray:
@@ -112,14 +103,14 @@ def _verify(model: torch.nn.Module, onnx_path: Path, example: np.ndarray) -> Non
     session = onnx_session(onnx_path)
     names_in = [node.name for node in session.get_inputs()]
     names_out = [node.name for node in session.get_outputs()]
-    if names_in != [INPUT_NAME] or names_out != [OUTPUT_NAME]:
+    if names_in != [ONNX_INPUT] or names_out != [ONNX_OUTPUT]:
         raise ExportError(f"exported graph has inputs {names_in} / outputs {names_out}, "
-                          f"expected [{INPUT_NAME!r}] / [{OUTPUT_NAME!r}]")
+                          f"expected [{ONNX_INPUT!r}] / [{ONNX_OUTPUT!r}]")
     # A batch size other than the traced one proves the batch axis is really dynamic.
     probe = np.concatenate([example, example[:1]])
     with torch.no_grad():
         expected = model(torch.from_numpy(probe)).float().numpy()
-    (actual,) = session.run([OUTPUT_NAME], {INPUT_NAME: probe})
+    (actual,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: probe})
     if actual.shape != expected.shape:
         raise ExportError(f"ONNX output shape {actual.shape} differs from PyTorch {expected.shape} "
                           f"for a batch of {len(probe)}: the batch axis is not dynamic")

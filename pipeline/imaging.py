@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-GLYPH_SIDE = 28  # dataset fact: K49 and KMNIST images are 28x28
+from pipeline.contract import GLYPH_SIDE
+
 # Side of the box the ink's longer side is scaled to inside the 28x28 frame: dataset glyphs are centred
 # and fill most of the frame without touching every edge; 24 px is also the middle of the box the
 # synthetic renderer draws (pipeline.synthetic, 20..27 px), so served and trained glyphs agree.

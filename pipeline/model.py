@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from pipeline.config import Settings
+from pipeline.contract import GLYPH_SIDE
 from pipeline.transforms import normalize
 
-IMAGE_SIDE = 28
 IN_CHANNELS = 1
 # Output channels of each 3x3 conv, grouped by the block that a 2x2 max-pool closes.
 CONV_BLOCKS: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (256, 256, 256))

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from pipeline.contract import GLYPH_SIDE
 from pipeline.data import (
-    IMAGE_SIDE,
     NPZ_KEY,
     OFFICIAL_CLASSMAPS,
     official_file_names,
@@ -89,9 +89,9 @@ def render_glyph(char: str, rng: np.random.Generator, jitter: Jitter = DEFAULT_J
     scale = box / max(ink.size)
     width, height = (max(1, round(side * scale)) for side in ink.size)
     ink = ink.resize((width, height), Image.Resampling.LANCZOS)
-    glyph = Image.new("L", (IMAGE_SIDE, IMAGE_SIDE), 0)
+    glyph = Image.new("L", (GLYPH_SIDE, GLYPH_SIDE), 0)
     shift = jitter.shift_px
-    left, top = _place(IMAGE_SIDE - width, next(u), shift), _place(IMAGE_SIDE - height, next(u), shift)
+    left, top = _place(GLYPH_SIDE - width, next(u), shift), _place(GLYPH_SIDE - height, next(u), shift)
     glyph.paste(ink, (left, top))
     glyph = glyph.filter(ImageFilter.GaussianBlur(_between(next(u), *jitter.blur_radius)))
     pixels = np.asarray(glyph, dtype=np.float32) * _between(next(u), *jitter.ink_level)

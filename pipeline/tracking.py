@@ -33,6 +33,7 @@ from mlflow.models import infer_signature
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from pipeline.config import PROJECT_ROOT, Settings
+from pipeline.contract import CLASSMAP_FILE, META_FILE, ONNX_FILE
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,14 @@ DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
 # URI schemes served by a tracking server that owns its artifact store; anything else is local here.
 REMOTE_SCHEMES = ("http", "https", "databricks")
+# Shared databases MLflow can use directly as its tracking store (SQLAlchemy dialects, any driver).
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+# A tracking server that does not accept a connection within this many seconds counts as down.
+REACHABLE_TIMEOUT_S = 10.0
 
 # Run artifact folders. The ONNX folder is what the registry hands to serving (pipeline/registry.py).
 MODEL_ARTIFACT = "model"
 ONNX_ARTIFACT = "onnx"
-ONNX_FILE = "model.onnx"
-CLASSMAP_FILE = "classmap.csv"
-META_FILE = "meta.json"
 
 # Tag keys shared by train/evaluate/register.
 TAG_STAGE = "stage"
@@ -86,20 +88,83 @@ def is_remote(uri: str) -> bool:
     return urlparse(uri).scheme in REMOTE_SCHEMES
 
 
+def redact(uri: str) -> str:
+    """``uri`` with its password (if any) replaced by ``***``: safe for messages and logs."""
+    parsed = urlparse(uri)
+    if parsed.password is None:
+        return uri
+    host = parsed.netloc.rpartition("@")[2]
+    return parsed._replace(netloc=f"{parsed.username}:***@{host}").geturl()
+
+
+# URIs already found reachable by this process: configure() runs before every run, check once.
+_reachable: set[str] = set()
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast, naming ``MLFLOW_TRACKING_URI``, when a shared tracking store cannot be reached.
+
+    Without this MLflow retries a database connection for ~100 s and an HTTP request for minutes
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``) and then reports a driver error. A database is checked with
+    one real connection (server down, wrong password, missing database); a server with one HTTP request
+    (any answer counts: authentication is the server's business).
+    """
+    scheme = urlparse(uri).scheme
+    if uri in _reachable or not (scheme in ("http", "https") or scheme.split("+")[0] in DATABASE_SCHEMES):
+        return
+    fix = (f"Start it or fix {TRACKING_URI_ENV} (a database password may also come from the driver's "
+           "usual setting, e.g. PGPASSWORD for PostgreSQL).")
+    if scheme in ("http", "https"):
+        import httpx
+
+        try:
+            # Only whether a server answers at all: no data is sent, so the certificate is MLflow's concern
+            # (MLFLOW_TRACKING_SERVER_CERT_PATH, MLFLOW_TRACKING_INSECURE_TLS), not this check's.
+            httpx.get(uri, timeout=REACHABLE_TIMEOUT_S, verify=False)
+        except httpx.HTTPError as exc:
+            raise TrackingError(f"MLflow tracking server {redact(uri)} is not reachable ({exc!r}). {fix}") from exc
+    else:
+        import sqlalchemy
+
+        try:
+            engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+            try:
+                with engine.connect():
+                    pass
+            finally:
+                engine.dispose()
+        except ImportError as exc:
+            raise TrackingError(f"no database driver for {TRACKING_URI_ENV}={redact(uri)} ({exc}): install the "
+                                "pinned lock (`make venv`)") from exc
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+            raise TrackingError(f"cannot connect to the MLflow tracking database {redact(uri)}: {reason}. "
+                                f"{fix}") from exc
+    _reachable.add(uri)
+
+
 def configure(settings: Settings) -> str:
-    """Point MLflow at the tracking store and experiment of ``settings``; return the experiment id."""
+    """Point MLflow at the tracking store and experiment of ``settings``; return the experiment id.
+
+    A shared store that cannot be reached raises :class:`TrackingError` naming ``MLFLOW_TRACKING_URI``.
+    """
     global _uri_set_here
     uri = tracking_uri(settings)
     env = os.environ.get(TRACKING_URI_ENV, "").strip()
     user_set = bool(env) and env != _uri_set_here
     if not is_remote(uri):
         settings.path("mlflow").mkdir(parents=True, exist_ok=True)
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     _uri_set_here = None if user_set else uri
     client = mlflow.MlflowClient(uri)
     name = settings.mlflow.experiment
-    experiment = client.get_experiment_by_name(name)
+    try:
+        experiment = client.get_experiment_by_name(name)
+    except MlflowException as exc:
+        raise TrackingError(f"MLflow tracking store {redact(uri)} did not answer: {exc.message}. Check the "
+                            f"server or fix {TRACKING_URI_ENV}.") from exc
     if experiment is None:
         location = None if is_remote(uri) else (settings.path("mlflow").resolve() / ARTIFACTS_DIR).as_uri()
         try:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.contract import GLYPH_SIDE
 from pipeline.data import (
-    IMAGE_SIDE,
     NPZ_KEY,
     OFFICIAL_CLASSMAPS,
     ClassMap,
@@ -27,8 +27,8 @@ BLOCK = 6  # side of the class-coding block
 
 def class_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Images whose bright block position depends on the label: easy to tell apart, never all black."""
-    images = rng.integers(0, 40, size=(len(labels), IMAGE_SIDE, IMAGE_SIDE), dtype=np.uint8)
-    cells = IMAGE_SIDE // BLOCK
+    images = rng.integers(0, 40, size=(len(labels), GLYPH_SIDE, GLYPH_SIDE), dtype=np.uint8)
+    cells = GLYPH_SIDE // BLOCK
     for index, label in enumerate(labels):
         row, col = divmod(int(label) % (cells * cells), cells)
         images[index, row * BLOCK : (row + 1) * BLOCK, col * BLOCK : (col + 1) * BLOCK] = 255

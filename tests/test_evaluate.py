@@ -15,6 +15,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from pipeline import evaluate, tracking
 from pipeline.config import Settings
+from pipeline.contract import TRAIN_RUN_FILE, DataError, TrainRun
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CHARS = ["あ", "い", "う", "え", "お"]
@@ -100,11 +101,11 @@ def test_figures_are_written(tmp_path: Path) -> None:
 
 
 def test_missing_train_run_record_is_explained(tmp_path: Path) -> None:
-    with pytest.raises(evaluate.EvaluationError, match="run the train stage"):
-        evaluate.read_train_run(tmp_path / "train_run.json")
+    with pytest.raises(DataError, match="run the train stage"):
+        TrainRun.read(tmp_path / "train_run.json")
     (tmp_path / "bad.json").write_text("{}", encoding="utf-8")
-    with pytest.raises(evaluate.EvaluationError, match="not a valid train run record"):
-        evaluate.read_train_run(tmp_path / "bad.json")
+    with pytest.raises(DataError, match="re-run the train stage"):
+        TrainRun.read(tmp_path / "bad.json")
 
 
 @pytest.mark.slow
@@ -128,7 +129,7 @@ def test_evaluate_stage_end_to_end(
     train.save_bundle(models / train.BUNDLE_FILE, model, {"classes": list(classmap.chars)})
     with tracking.start_run(settings, "train") as active:
         pass
-    (models / evaluate.RUN_FILE).write_text(json.dumps({"run_id": active.info.run_id}), encoding="utf-8")
+    (models / TRAIN_RUN_FILE).write_text(json.dumps({"run_id": active.info.run_id}), encoding="utf-8")
 
     result = evaluate.run(settings)
 

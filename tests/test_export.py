@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.export import INPUT_NAME, OUTPUT_NAME, VERIFY_ATOL, ExportError, export_onnx, onnx_session
+from pipeline.contract import ONNX_INPUT, ONNX_OUTPUT, onnx_session
+from pipeline.export import VERIFY_ATOL, ExportError, export_onnx
 from pipeline.model import SpinalVGG
 
 NUM_CLASSES = 7
@@ -50,9 +51,9 @@ def test_onnx_matches_pytorch(exported: tuple[SpinalVGG, Path], batch: int) -> N
     model, path = exported
     images = raw_pixels(batch, seed=batch)
     session = onnx_session(path)
-    assert [node.name for node in session.get_inputs()] == [INPUT_NAME]
-    assert [node.name for node in session.get_outputs()] == [OUTPUT_NAME]
-    (actual,) = session.run([OUTPUT_NAME], {INPUT_NAME: images})
+    assert [node.name for node in session.get_inputs()] == [ONNX_INPUT]
+    assert [node.name for node in session.get_outputs()] == [ONNX_OUTPUT]
+    (actual,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: images})
     with torch.no_grad():
         expected = model(torch.from_numpy(images)).numpy()
     assert actual.shape == (batch, NUM_CLASSES)
