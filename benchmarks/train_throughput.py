@@ -24,11 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.config import load_settings
-from pipeline.model import IMAGE_SIDE, build_model, count_parameters
-from pipeline.train import load_batch, make_optimizer, select_device, train_step
+from pipeline.contract import GLYPH_SIDE
+from pipeline.model import build_model, count_parameters
+from pipeline.train import load_batch, make_optimizer, make_weight_average, select_device, train_step
 from pipeline.transforms import BatchAugment
 
 K49_TRAIN_IMAGES = 232_365  # official K49 training set size
@@ -110,13 +110,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
-    images = torch.randint(0, 256, (args.images, IMAGE_SIDE, IMAGE_SIDE), dtype=torch.uint8,
+    images = torch.randint(0, 256, (args.images, GLYPH_SIDE, GLYPH_SIDE), dtype=torch.uint8,
                            generator=generator).to(device)
     labels = torch.randint(0, K49_CLASSES, (args.images,), generator=generator).to(device)
     model = build_model(settings, K49_CLASSES, pixel_mean=0.2, pixel_std=0.35).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    ema = make_weight_average(model, cfg.ema_decay)
     optimizer = make_optimizer(cfg, model)
     step_model = torch.compile(model) if compiled else model
     augment = BatchAugment(settings.augment, generator)

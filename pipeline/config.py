@@ -102,7 +102,9 @@ class TrainSettings(_Section):
     momentum: Fraction = 0.9
     weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
     schedule: Literal["onecycle", "cosine", "step"] = "onecycle"
-    warmup_epochs: Annotated[float, Field(ge=0.0)] = 2.0
+    min_steps_per_epoch: NonNegInt = 64
+    min_batch_size: PositiveInt = 32
+    warmup_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
     step_every: PositiveInt = 20
     step_gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
@@ -180,6 +182,8 @@ class RegistrySettings(_Section):
     model_name: str = "kuzushiji-spinalvgg"
     champion_alias: str = "champion"
     challenger_alias: str = "challenger"
+    rejected_alias: str = "rejected"
+    min_balanced_accuracy: Fraction | None = None  # None: halfway between chance (1/classes) and 1
 
 
 class MlflowSettings(_Section):

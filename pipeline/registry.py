@@ -7,6 +7,11 @@ reason is recorded. Each dataset has its own registered model (``Settings.regist
 a synthetic smoke run never competes with, or gets served instead of, a K49 model. A version is created
 with ``status=pending`` and flipped to ``ready`` as the very last step; on any failure after it exists the
 alias change is rolled back and the version is tagged ``status=failed`` with the reason.
+
+A quality gate comes first: a version whose test balanced accuracy is under ``registry.min_balanced_accuracy``
+(default: halfway between chance, 1/classes, and 1) is registered but tagged ``decision=rejected``, gets the
+``rejected`` alias and nothing else; the stage then fails, so the pipeline stops before packaging and the
+champion and the served model stay as they were.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_
 
 from pipeline import tracking
 from pipeline.config import Settings
+from pipeline.contract import CLASSMAP_FILE, META_FILE, ONNX_FILE, TRAIN_RUN_FILE, TrainRun, load_classmap
 from pipeline.files import write_json
 
 log = logging.getLogger(__name__)
@@ -39,10 +45,25 @@ TAG_DATA_DIGEST = "data.digest"
 TAG_MD5_PREFIX = "data.md5."
 DECISION_CHAMPION = "champion"
 DECISION_CHALLENGER = "challenger"
+DECISION_REJECTED = "rejected"
 
 
 class RegistryError(RuntimeError):
     """The register stage cannot proceed; the message says what to run or change."""
+
+
+class QualityGateError(RegistryError):
+    """The model is registered but rejected: it is not clearly better than chance."""
+
+
+def quality_floor(settings: Settings, num_classes: int) -> float:
+    """The lowest test balanced accuracy a version needs to compete: the configured floor, or by default
+    halfway between chance (1 / classes) and a perfect score."""
+    configured = settings.registry.min_balanced_accuracy
+    if configured is not None:
+        return configured
+    chance = 1.0 / num_classes
+    return chance + (1.0 - chance) / 2
 
 
 def _client(settings: Settings) -> mlflow.MlflowClient:
@@ -57,11 +78,10 @@ def _is(exc: MlflowException, code: int) -> bool:
 
 def run(settings: Settings) -> dict[str, Any]:
     """Register stage: new model version from ``models/train_run.json``'s run, then champion/challenger."""
-    from pipeline.evaluate import RUN_FILE, read_train_run
-
     client = _client(settings)
     name = settings.registered_model_name()
-    run_id = read_train_run(settings.path("models") / RUN_FILE)
+    run_id = TrainRun.read(settings.path("models") / TRAIN_RUN_FILE).run_id
+    floor = quality_floor(settings, len(load_classmap(settings.path("models") / CLASSMAP_FILE)))
     try:
         train_run = client.get_run(run_id)
     except MlflowException as exc:
@@ -107,11 +127,14 @@ def run(settings: Settings) -> dict[str, Any]:
         for key, value in base_tags.items():
             client.set_model_version_tag(name, number, key, value)
         decision, reason = decide(metrics[HEADLINE_METRIC], base_tags[tracking.TAG_DATASET], number,
-                                  previous, aliases.champion_alias)
+                                  previous, aliases.champion_alias, floor)
         client.set_model_version_tag(name, number, TAG_DECISION, decision)
         client.set_model_version_tag(name, number, TAG_REASON, reason)
         client.update_model_version(name, number, description=f"{decision}: {reason}")
-        if decision == DECISION_CHAMPION:
+        if decision == DECISION_REJECTED:
+            point(aliases.rejected_alias, number)
+            champion_version = previous_number
+        elif decision == DECISION_CHAMPION:
             point(aliases.champion_alias, number)
             challenger = _version_by_alias(client, name, aliases.challenger_alias)
             if challenger is not None and str(challenger.version) == number:
@@ -126,7 +149,9 @@ def run(settings: Settings) -> dict[str, Any]:
             "run_id": run_id,
             "decision": decision,
             "reason": reason,
-            "alias": aliases.champion_alias if decision == DECISION_CHAMPION else aliases.challenger_alias,
+            "alias": {DECISION_CHAMPION: aliases.champion_alias, DECISION_CHALLENGER: aliases.challenger_alias,
+                      DECISION_REJECTED: aliases.rejected_alias}[decision],
+            "min_balanced_accuracy": floor,
             "champion_version": champion_version,
             "previous_champion_version": previous_number,
             f"previous_champion_{HEADLINE_METRIC}": _metric_of(previous),
@@ -141,12 +166,22 @@ def run(settings: Settings) -> dict[str, Any]:
             _roll_back(client, name, number, undo, exc)
         raise
     log.info("%s version %s: %s (%s)", name, number, decision, reason)
+    if decision == DECISION_REJECTED:
+        raise QualityGateError(
+            f"{name} version {number} is rejected: {reason}. The {aliases.champion_alias} "
+            f"(v{previous_number or 'none'}) and the served model are unchanged. Look at "
+            "reports/train/history.csv (did validation accuracy rise?), reports/figures/training_curves.png "
+            "and reports/figures/augmented_samples.png, and at train.lr / train.epochs in params.yaml")
     return report
 
 
 def decide(new_value: float, new_dataset: str, new_version: str, champion: Any | None,
-           champion_alias: str) -> tuple[str, str]:
-    """(decision, reason): champion only on a strictly better test balanced accuracy on the same data."""
+           champion_alias: str, floor: float = 0.0) -> tuple[str, str]:
+    """(decision, reason): rejected under the quality floor; champion only on a strictly better test
+    balanced accuracy on the same data."""
+    if new_value < floor:
+        return DECISION_REJECTED, (f"{HEADLINE_METRIC} {new_value:.6f} is under the quality floor "
+                                   f"{floor:.6f} (registry.min_balanced_accuracy)")
     if champion is None:
         return DECISION_CHAMPION, f"no {champion_alias} yet"
     if str(champion.version) == str(new_version):
@@ -186,8 +221,8 @@ def champion_artifacts(settings: Settings, dest_dir: Path) -> dict[str, Any]:
     local = Path(mlflow.artifacts.download_artifacts(
         run_id=version.run_id, artifact_path=tracking.ONNX_ARTIFACT, dst_path=str(dest_dir),
         tracking_uri=tracking.tracking_uri(settings)))
-    files = {"onnx": local / tracking.ONNX_FILE, "classmap": local / tracking.CLASSMAP_FILE,
-             "meta": local / tracking.META_FILE}
+    files = {"onnx": local / ONNX_FILE, "classmap": local / CLASSMAP_FILE,
+             "meta": local / META_FILE}
     missing = [str(path) for path in files.values() if not path.is_file()]
     if missing:
         raise RegistryError(f"{name} v{version.version}: run {version.run_id} lacks {', '.join(missing)}; "

@@ -32,12 +32,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from pipeline.config import Settings, TrainSettings
 from pipeline.files import write_json
-from pipeline.model import IMAGE_SIDE, SpinalVGG, build_model, count_parameters
+from pipeline.contract import (
+    CLASSMAP_FILE,
+    GLYPH_SIDE,
+    META_FILE,
+    ONNX_FILE,
+    ONNX_INPUT,
+    ONNX_OUTPUT,
+    TRAIN_RUN_FILE,
+    TrainRun,
+)
+from pipeline.model import SpinalVGG, build_model, count_parameters
 from pipeline.transforms import BatchAugment
 
 log = logging.getLogger(__name__)
@@ -47,7 +57,6 @@ CHECKPOINT_RUN_FILE = "train_run.json"  # next to the checkpoint: the MLflow run
 CHECKPOINT_VERSION = 1
 BUNDLE_FILE = "model.pt"
 BUNDLE_VERSION = 1
-RUN_FILE = "train_run.json"
 ONNX_EXAMPLE_IMAGES = 8  # validation images used to trace and verify the ONNX export
 AUGMENT_PREVIEW_CLASSES = 8  # columns of the augmented-samples figure (one class each)
 AUGMENT_PREVIEW_DRAWS = 3  # augmented rows under the original row
@@ -126,8 +135,8 @@ def _check_split(data: Labeled, name: str, num_classes: int, minimum: int) -> No
     images, labels = getattr(data, "images", None), getattr(data, "labels", None)
     if not isinstance(images, np.ndarray) or not isinstance(labels, np.ndarray):
         raise TypeError(f"{name}: expected an object with numpy .images and .labels (LabeledImages)")
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
-        raise ValueError(f"{name} images must be uint8 (N, {IMAGE_SIDE}, {IMAGE_SIDE}); got "
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (GLYPH_SIDE, GLYPH_SIDE):
+        raise ValueError(f"{name} images must be uint8 (N, {GLYPH_SIDE}, {GLYPH_SIDE}); got "
                          f"{images.dtype} {images.shape}. Re-run the prepare stage.")
     if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{name} labels must be integers shaped ({len(images)},); got {labels.dtype} "
@@ -178,17 +187,72 @@ def batches_per_epoch(n: int, batch_size: int) -> int:
     return max(1, n // batch_size)
 
 
-def make_optimizer(cfg: TrainSettings, model: nn.Module) -> torch.optim.Optimizer:
+@dataclass(frozen=True)
+class StepPlan:
+    """How the recipe meets the data: the batch and learning rate used, and the run's length in steps.
+
+    ``train.batch_size`` and ``train.lr`` are the recipe for large data. A small dataset would get few
+    optimiser steps at that batch (6,000 images at 256 = 23 steps an epoch), so the batch is halved until
+    an epoch has ``train.min_steps_per_epoch`` steps (never below ``train.min_batch_size``), and the
+    learning rate follows the batch linearly (Goyal et al., 2017). Warm-up and the averaging horizon are
+    then counted in these steps.
+    """
+
+    batch_size: int
+    lr: float
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def plan_steps(cfg: TrainSettings, n_train: int) -> StepPlan:
+    batch = cfg.batch_size
+    while batch // 2 >= cfg.min_batch_size and n_train // batch < cfg.min_steps_per_epoch:
+        batch //= 2
+    steps = batches_per_epoch(n_train, batch)
+    total = cfg.epochs * steps
+    warmup = min(round(cfg.warmup_fraction * total), total - 1)
+    return StepPlan(batch, cfg.lr * batch / cfg.batch_size, steps, total, warmup)
+
+
+def ema_decay_at(step: int, max_decay: float) -> float:
+    """Decay of the weight average after ``step`` updates: ``(1 + t) / (10 + t)`` capped at ``max_decay``.
+
+    A fixed 0.999 keeps the average mostly at the initial weights for the first thousands of steps, so a
+    short run would validate and export a model that learned nothing. Warming the decay up with the step
+    count (as timm's ModelEmaV3 does) makes the average cover roughly the last tenth of the steps taken
+    until the horizon ``1 / (1 - max_decay)`` is reached: right after the first step and after 50,000.
+    """
+    return min(max_decay, (1.0 + step) / (10.0 + step))
+
+
+def make_weight_average(model: nn.Module, max_decay: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s weights and BatchNorm statistics, warmed up per step."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor
+               ) -> None:
+        decay = ema_decay_at(int(num_averaged), max_decay)
+        if averaged[0].is_floating_point():  # AveragedModel groups the tensors by dtype
+            torch._foreach_lerp_(averaged, current, 1.0 - decay)
+        else:  # BatchNorm's batch counters: take the live value
+            torch._foreach_copy_(averaged, current)
+
+    # use_buffers=True averages BatchNorm running statistics too, so they match the averaged weights.
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+
+def make_optimizer(cfg: TrainSettings, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
     # No weight decay on biases and BatchNorm parameters: decaying them only fights the normalisation.
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=lr or cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=lr or cfg.lr)
 
 
-def make_scheduler(cfg: TrainSettings, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+def make_scheduler(cfg: TrainSettings, optimizer: torch.optim.Optimizer, plan: StepPlan
                    ) -> tuple[torch.optim.lr_scheduler.LRScheduler, bool]:
     """The learning-rate schedule and whether it steps per batch (True) or per epoch (False).
 
@@ -198,8 +262,7 @@ def make_scheduler(cfg: TrainSettings, optimizer: torch.optim.Optimizer, steps_p
     if cfg.schedule == "step":
         step = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_every, gamma=cfg.step_gamma)
         return step, False
-    total = cfg.epochs * steps_per_epoch
-    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    total, warmup = plan.total_steps, plan.warmup_steps
     factor = _onecycle_factor if cfg.schedule == "onecycle" else _cosine_factor
 
     def lr_factor(step: int) -> float:
@@ -391,12 +454,11 @@ def fit(
     model = build_model(settings, num_classes, pixel_mean, pixel_std).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # use_buffers=True averages BatchNorm running statistics too, so they match the averaged weights.
-    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-           if cfg.ema_decay > 0 else None)
-    optimizer = make_optimizer(cfg, model)
-    steps = batches_per_epoch(len(train.labels), cfg.batch_size)
-    scheduler, per_batch = make_scheduler(cfg, optimizer, steps)
+    ema = make_weight_average(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    plan = plan_steps(cfg, len(train.labels))
+    optimizer = make_optimizer(cfg, model, plan.lr)
+    steps, batch_size = plan.steps_per_epoch, plan.batch_size
+    scheduler, per_batch = make_scheduler(cfg, optimizer, plan)
     augment = BatchAugment(settings.augment, generator)
 
     labels_cpu = torch.from_numpy(np.ascontiguousarray(train.labels, dtype=np.int64))
@@ -418,8 +480,9 @@ def fit(
     y_val = torch.from_numpy(np.ascontiguousarray(val.labels, dtype=np.int64)).to(device)
     step_model = torch.compile(model) if cfg.compile and on_cuda else model
     eval_model = ema.module if ema is not None else model
-    log.info("training SpinalVGG (%d parameters) on %s: %d train / %d val images, %d batches/epoch",
-             count_parameters(model), device, len(y_train), len(y_val), steps)
+    log.info("training SpinalVGG (%d parameters) on %s: %d train / %d val images; batch %d, peak lr %.3g, "
+             "%d steps/epoch, %d warm-up steps", count_parameters(model), device, len(y_train), len(y_val),
+             batch_size, plan.lr, steps, plan.warmup_steps)
 
     while progress.epoch < cfg.epochs and not progress.stopped_early:
         epoch = progress.epoch + 1
@@ -430,7 +493,7 @@ def fit(
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
                    disable=not sys.stderr.isatty())
         for step in range(steps):
-            index = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device, non_blocking=True)
+            index = order[step * batch_size:(step + 1) * batch_size].to(device, non_blocking=True)
             x, y = load_batch(x_train, y_train, index, augment, channels_last)
             loss = train_step(step_model, x, y, optimizer, loss_weight, cfg.label_smoothing, amp)
             if per_batch:
@@ -453,7 +516,7 @@ def fit(
         if not math.isfinite(metrics.train_loss):
             raise TrainingDiverged(f"training loss is {metrics.train_loss} in epoch {epoch} (train.lr="
                                    f"{cfg.lr}, train.optimizer={cfg.optimizer}): lower train.lr or raise "
-                                   "train.warmup_epochs")
+                                   "train.warmup_fraction")
         progress.history.append(metrics)
         progress.epoch = epoch
         if val_bacc > progress.best_score + cfg.min_delta:
@@ -616,11 +679,11 @@ def run(settings: Settings) -> dict[str, Any]:
             "dataset": settings.data.dataset,
             "classes": list(classmap.chars),
             "codepoints": list(classmap.codepoints),
-            "image_side": IMAGE_SIDE,
-            "input": {"name": export.INPUT_NAME, "dtype": "float32",
-                      "shape": ["batch", 1, IMAGE_SIDE, IMAGE_SIDE], "range": [0, 255],
+            "image_side": GLYPH_SIDE,
+            "input": {"name": ONNX_INPUT, "dtype": "float32",
+                      "shape": ["batch", 1, GLYPH_SIDE, GLYPH_SIDE], "range": [0, 255],
                       "polarity": "white ink on black"},
-            "output": {"name": export.OUTPUT_NAME, "kind": "logits"},
+            "output": {"name": ONNX_OUTPUT, "kind": "logits"},
             "pixel_mean": mean,
             "pixel_std": std,
             "best_val_balanced_accuracy": best.val_balanced_accuracy,
@@ -628,10 +691,10 @@ def run(settings: Settings) -> dict[str, Any]:
         }
         bundle_path = save_bundle(models_dir / BUNDLE_FILE, result.model, meta)
         example = val.images[:ONNX_EXAMPLE_IMAGES].astype(np.float32)[:, None]
-        # The serving companions, named as tracking.log_model expects to find them beside the ONNX file.
-        onnx_path = export.export_onnx(result.model, models_dir / tracking.ONNX_FILE, example)
-        write_json(models_dir / tracking.META_FILE, meta)
-        shutil.copyfile(classmap_path, models_dir / tracking.CLASSMAP_FILE)
+        # The model bundle (pipeline.contract): what tracking.log_model logs and serving reads.
+        onnx_path = export.export_onnx(result.model, models_dir / ONNX_FILE, example)
+        write_json(models_dir / META_FILE, meta)
+        shutil.copyfile(classmap_path, models_dir / CLASSMAP_FILE)
 
         history_path = _write_history(reports_dir / "train" / "history.csv", result.history)
         metrics_path = write_json(reports_dir / "train" / "metrics.json", summary)
@@ -644,14 +707,13 @@ def run(settings: Settings) -> dict[str, Any]:
         tracking.log_files([history_path, metrics_path], "reports")
         tracking.log_files([curves, samples], "figures")
         model_uri = tracking.log_model(result.model, onnx_path, example, models_dir)
-        run_info = {"run_id": run_id, "experiment_id": active.info.experiment_id,
-                    "tracking_uri": tracking.tracking_uri(settings)}
-        write_json(models_dir / RUN_FILE, run_info)
+        record = TrainRun(run_id, active.info.experiment_id, tracking.tracking_uri(settings))
+        record.write(models_dir / TRAIN_RUN_FILE)
 
     # Finished and recorded: a later run (e.g. after a code change) must train afresh, not resume.
     checkpoint.unlink(missing_ok=True)
     run_marker.unlink(missing_ok=True)
-    return {**summary, **run_info, "model_uri": model_uri, "bundle": str(bundle_path), "onnx": str(onnx_path)}
+    return {**summary, **asdict(record), "model_uri": model_uri, "bundle": str(bundle_path), "onnx": str(onnx_path)}
 
 
 def _resumable_run(checkpoint: Path, marker: Path, run_fingerprint: str) -> str | None:

@@ -14,6 +14,7 @@ import yaml
 
 from pipeline import registry, tracking
 from pipeline.config import Settings, load_settings
+from pipeline.contract import CLASSMAP_FILE, TRAIN_RUN_FILE, ClassMap, TrainRun, write_classmap
 from pipeline.export import export_onnx
 from tests.support import PROJECT_ROOT
 from tests.test_export import raw_pixels, small_model
@@ -27,6 +28,7 @@ MANIFEST = {
 }
 
 TrainedRun = Callable[[Settings, float], str]
+TEN_CLASSES = ClassMap.from_chars("おきすつなはまやれを")  # KMNIST's: chance 0.1, default floor 0.55
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,8 @@ def trained_run(settings: Settings) -> TrainedRun:
                                   "test_macro_f1": balanced_accuracy})
         models = run_settings.path("models")
         models.mkdir(parents=True, exist_ok=True)
-        (models / "train_run.json").write_text(json.dumps({"run_id": active.info.run_id}), encoding="utf-8")
+        TrainRun(active.info.run_id, active.info.experiment_id, "").write(models / TRAIN_RUN_FILE)
+        write_classmap(TEN_CLASSES, models / CLASSMAP_FILE)  # the quality floor depends on the class count
         return active.info.run_id
 
     return _make
@@ -139,6 +142,41 @@ def test_champion_moves_only_on_improvement(settings: Settings, trained_run: Tra
 
 
 @pytest.mark.slow
+def test_a_model_under_the_quality_floor_is_rejected_and_nothing_served_changes(
+        settings: Settings, trained_run: TrainedRun) -> None:
+    cfg = named(settings, "gate")
+    trained_run(cfg, 0.80)
+    assert registry.run(cfg)["decision"] == "champion"
+    trained_run(cfg, 0.125)  # a model that learned (almost) nothing: 10 classes, chance 0.1
+    with pytest.raises(registry.QualityGateError, match=r"version 2 is rejected.*under the quality floor "
+                       r"0\.550000.*champion \(v1\) and the served model are unchanged"):
+        registry.run(cfg)
+    assert alias_version(cfg, cfg.registry.champion_alias) == "1"
+    assert alias_version(cfg, cfg.registry.rejected_alias) == "2"
+    assert alias_version(cfg, cfg.registry.challenger_alias) is None
+    rejected = client(cfg).get_model_version("gate-synthetic", "2")
+    assert rejected.tags["decision"] == "rejected" and rejected.tags["status"] == "ready"
+    assert "registry.min_balanced_accuracy" in rejected.tags["decision_reason"]
+    record = report(cfg)
+    assert (record["decision"], record["alias"], record["champion_version"]) == ("rejected", "rejected", "1")
+    assert registry.champion_artifacts(cfg, cfg.root / "gate-served")["version"] == "1"
+
+    strict = cfg.with_overrides({"registry.min_balanced_accuracy": 0.9})  # an explicit floor wins
+    trained_run(strict, 0.85)
+    with pytest.raises(registry.QualityGateError, match="0.900000"):
+        registry.run(strict)
+    assert alias_version(cfg, cfg.registry.champion_alias) == "1"
+
+
+def test_default_quality_floor_is_halfway_from_chance(make_settings) -> None:
+    cfg = make_settings()
+    assert registry.quality_floor(cfg, 10) == pytest.approx(0.55)
+    assert registry.quality_floor(cfg, 49) == pytest.approx(1 / 49 + (1 - 1 / 49) / 2)
+    assert registry.quality_floor(cfg.with_overrides({"registry.min_balanced_accuracy": 0.3}), 49) == 0.3
+    assert registry.decide(0.5, "k49", "2", None, "champion", floor=0.51)[0] == "rejected"
+
+
+@pytest.mark.slow
 def test_failure_after_registration_rolls_back(settings: Settings, trained_run: TrainedRun) -> None:
     cfg = named(settings, "rollback")
     trained_run(cfg, 0.60)
@@ -203,7 +241,7 @@ def test_each_dataset_has_its_own_champion_and_bento_model(settings: Settings, t
     k49 = synthetic.with_overrides({"data.dataset": "k49"})
     synthetic_run = trained_run(synthetic, 0.95)
     assert registry.run(synthetic)["decision"] == "champion"
-    k49_run = trained_run(k49, 0.40)  # worse than the synthetic champion, but on other data
+    k49_run = trained_run(k49, 0.60)  # worse than the synthetic champion, but on other data
     k49_report = registry.run(k49)
     assert (k49_report["model_name"], k49_report["version"], k49_report["decision"]) == (
         "perdata-k49", "1", "champion")

@@ -45,7 +45,7 @@ def _few_threads(one_torch_thread):
 def tiny(make_settings):
     def _make(**overrides):
         base = {"train.epochs": 3, "train.batch_size": 8, "train.optimizer": "adamw", "train.lr": 0.002,
-                "train.warmup_epochs": 0.5,
+                "train.warmup_fraction": 0.15,
                 "train.ema_decay": 0.0, "train.patience": 10, "train.device": "cpu", "model.spinal_width": 16}
         return make_settings({**base, **{k.replace("__", "."): v for k, v in overrides.items()}})
 
@@ -196,11 +196,14 @@ def test_class_weights_are_inverse_frequency_with_mean_one():
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step"])
 def test_schedules_warm_up_peak_at_lr_and_decay(make_settings, schedule):
-    cfg = make_settings({"train.schedule": schedule, "train.epochs": 10, "train.warmup_epochs": 2.0,
-                         "train.lr": 0.1, "train.step_every": 4, "train.step_gamma": 0.5}).train
+    cfg = make_settings({"train.schedule": schedule, "train.epochs": 10, "train.warmup_fraction": 0.2,
+                         "train.lr": 0.1, "train.step_every": 4, "train.step_gamma": 0.5,
+                         "train.batch_size": 8, "train.min_steps_per_epoch": 0}).train
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    steps = 5
-    scheduler, per_batch = training.make_scheduler(cfg, optimizer, steps)
+    plan = training.plan_steps(cfg, n_train=40)
+    steps = plan.steps_per_epoch
+    assert (steps, plan.warmup_steps) == (5, 10)
+    scheduler, per_batch = training.make_scheduler(cfg, optimizer, plan)
     lrs = []
     for _ in range(cfg.epochs):
         for _ in range(steps):
@@ -298,3 +301,54 @@ def test_train_stage_writes_outputs_and_tracks_the_run(make_settings, monkeypatc
     assert logged.source_run_id == run.info.run_id
     # A finished stage leaves no checkpoint behind: the next run trains afresh.
     assert not (settings.path("checkpoints") / training.CHECKPOINT_FILE).exists()
+
+
+def test_small_data_gets_a_smaller_batch_and_proportional_lr(make_settings):
+    cfg = make_settings({"train.batch_size": 256, "train.lr": 0.1, "train.min_steps_per_epoch": 64,
+                         "train.min_batch_size": 32, "train.epochs": 12, "train.warmup_fraction": 0.1}).train
+    large = training.plan_steps(cfg, n_train=209_000)  # K49's train split
+    assert (large.batch_size, large.lr, large.steps_per_epoch) == (256, 0.1, 816)
+    small = training.plan_steps(cfg, n_train=5_410)  # kmnist-dev's train split
+    assert (small.batch_size, small.steps_per_epoch) == (64, 84)
+    assert small.lr == pytest.approx(0.025)
+    assert small.total_steps == 12 * 84 and small.warmup_steps == round(0.1 * 12 * 84)
+    tiny_data = training.plan_steps(cfg, n_train=500)  # halving stops at min_batch_size
+    assert tiny_data.batch_size == 32 and tiny_data.lr == pytest.approx(0.0125)
+
+
+def _distance(a: nn.Module, b: nn.Module) -> float:
+    return math.sqrt(sum(float((p.detach() - q.detach()).pow(2).sum()) for p, q in zip(a.parameters(), b.parameters())))
+
+
+def test_weight_average_tracks_the_trained_model_from_the_first_steps():
+    """A fixed 0.999 average of a 60-step run is still the initial weights; the warmed-up one is not."""
+    torch.manual_seed(0)
+    model = SpinalVGG(NUM_CLASSES, spinal_width=16, dropout=0.0, pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD)
+    initial = SpinalVGG(**model.config())
+    initial.load_state_dict(model.state_dict())
+    warmed = training.make_weight_average(model, max_decay=0.999)
+    fixed = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999), use_buffers=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.003)
+    x, y = torch.from_numpy(TRAIN.images).float().unsqueeze(1), torch.from_numpy(TRAIN.labels)
+    for _ in range(60):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        warmed.update_parameters(model)
+        fixed.update_parameters(model)
+    travelled = _distance(model, initial)
+    assert travelled > 0
+    assert _distance(fixed.module, model) > 0.75 * travelled  # the old average: still near the start
+    assert _distance(warmed.module, model) < 0.25 * travelled  # the warmed-up one: near the live weights
+    model.eval(), warmed.module.eval()
+    with torch.no_grad():
+        agree = (warmed.module(x).argmax(1) == model(x).argmax(1)).float().mean().item()
+    assert agree > 0.9
+
+
+def test_weight_average_decay_warms_up_to_its_cap():
+    assert training.ema_decay_at(0, 0.999) == pytest.approx(0.1)
+    assert training.ema_decay_at(90, 0.999) == pytest.approx(0.91)
+    assert training.ema_decay_at(50_000, 0.999) == 0.999
