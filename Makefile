@@ -74,3 +74,25 @@ bento: $(STAMP) ## build the bento (service + champion model + serving deps only
 CONTAINER_ARGS ?=
 container: $(STAMP) ## build the serving image (bentoml containerize), run it, check real answers
 	scripts/container_smoke.sh $(CONTAINER_ARGS)
+
+# The shared-services stack of compose.yaml (README, "Scale-out"). podman-compose (pinned in the lock)
+# where podman is installed, else Docker's compose plugin; COMPOSE="docker compose" picks one.
+COMPOSE ?= $(if $(shell command -v podman),$(BIN)/podman-compose,docker compose)
+COMPOSE_PROJECT ?= kuzushiji
+SERVICE_IMAGE ?= kuzushiji:latest
+.PHONY: stack-up stack-down stack-deploy stack-serve
+
+stack-up: $(STAMP) ## build the pipeline image; start PostgreSQL, MLflow and Prefect servers and a worker
+	$(COMPOSE) -p $(COMPOSE_PROJECT) up -d --build
+
+stack-down: ## stop the stack (named volumes keep the data)
+	$(COMPOSE) -p $(COMPOSE_PROJECT) --profile serve down
+
+stack-deploy: ## register prefect.yaml's deployments from inside the stack's worker
+	$(COMPOSE) -p $(COMPOSE_PROJECT) exec worker prefect --no-prompt deploy --all
+
+stack-serve: $(STAMP) ## containerize the champion's bento as SERVICE_IMAGE and serve it in the stack
+	$(BIN)/bentoml build
+	$(BIN)/bentoml containerize kuzushiji:latest --image-tag $(SERVICE_IMAGE) \
+	  $(if $(shell command -v podman),--backend podman)
+	KUZUSHIJI_SERVICE_IMAGE=$(SERVICE_IMAGE) $(COMPOSE) -p $(COMPOSE_PROJECT) --profile serve up -d service
