@@ -28,7 +28,7 @@ import yaml
 from sklearn.metrics import balanced_accuracy_score
 
 from benchmarks.train_throughput import cpu_model_name
-from pipeline import data, evaluate, train, tune
+from pipeline import data, download, evaluate, loop, prepare, train, tune
 from pipeline.config import load_settings
 from pipeline.contract import load_classmap, official_file_names
 from pipeline.model import SpinalVGG, count_parameters
@@ -54,8 +54,8 @@ def pipeline_recipe(data_dir: Path, epochs: int, work: Path) -> dict[str, Any]:
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     settings = load_settings(work / "params.yaml")
     started = time.perf_counter()
-    data.fetch_raw(settings)
-    data.prepare(settings)
+    download.run(settings)
+    prepare.run(settings)
     tune.run(settings)
     trained = train.run(settings)
     metrics = evaluate.run(settings)
@@ -102,7 +102,7 @@ def plain_loop(data_dir: Path, prefix: str, epochs: int, augment_settings: Any) 
             loss.backward()
             optimizer.step()
             schedule.step()
-    predicted = train.predict_logits(model, x_test, batch_size=1024).argmax(1)
+    predicted = loop.predict_logits(model, x_test, batch_size=1024).argmax(1)
     return {
         "test_balanced_accuracy": float(balanced_accuracy_score(y_test, predicted)),
         "test_accuracy": float((predicted == y_test).mean()),

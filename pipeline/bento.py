@@ -28,11 +28,11 @@ from typing import Any
 import bentoml
 
 from pipeline.config import Settings, load_settings
+from pipeline.contract import MODEL_FILES
 from pipeline.files import write_json
 
 log = logging.getLogger(__name__)
 
-MODEL_FILES = ("model.onnx", "classmap.csv", "meta.json")  # the service reads these names
 REPORT_FILE = "bento_model.json"  # under paths.reports (DVC out of the package stage)
 LABEL_REGISTRY_VERSION = "registry_version"
 LABEL_REGISTRY_MODEL = "registry_model"
@@ -48,10 +48,10 @@ class PackageError(RuntimeError):
 
 def import_champion(settings: Settings) -> str:
     """Copy the registry champion into the BentoML model store; return the model tag (``name:version``)."""
-    from pipeline import registry  # MLflow is only needed here, not by the service
+    from pipeline import tracking  # MLflow is only needed here, not by the service
 
     with tempfile.TemporaryDirectory(prefix="champion-") as tmp:
-        champion = registry.champion_artifacts(settings, Path(tmp))
+        champion = tracking.champion_artifacts(settings, Path(tmp))
         tag = store_model(
             settings,
             onnx_path=Path(champion["onnx"]),

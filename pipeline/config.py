@@ -1,17 +1,19 @@
 """The one typed configuration object, loaded from ``params.yaml``.
 
-``load_settings()`` reads the file, overlays the selected ``profile``, applies optional dotted
-overrides (tuned hyper-parameters, tests) and validates everything with pydantic. Any unknown key or
-bad value raises :class:`ConfigError` naming the key, before anything runs.
+Every knob's one default lives in ``conf/config.yaml``; profiles (``conf/profile/*.yaml``) overlay some.
+``dvc exp run -S key=value`` composes them with Hydra into ``params.yaml`` (DVC's Hydra composition), so
+params.yaml, dvc.lock and ``dvc exp show`` hold the values a run used. ``load_settings()`` validates that
+file with pydantic (or composes afresh from ``conf/`` when given overrides, as DVC does): any unknown key
+or bad value raises :class:`ConfigError` naming the key, before anything runs.
 
-This module imports only pydantic and PyYAML so the serving image can use it without the training stack.
+This module imports only pydantic and PyYAML (Hydra lazily, to compose) so the serving image can use it.
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,9 +24,11 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"
 PARAMS_ENV = "KUZUSHIJI_PARAMS"  # points every entry point at another params file
 
-# Sections a profile may overlay. Data and paths are excluded on purpose: they feed the download and
-# prepare stages, and DVC must not re-run those when only a training profile changes.
-PROFILE_SECTIONS = ("model", "augment", "train", "tune", "evaluate")
+# Hydra composition (DVC's, enabled in .dvc/config): conf/config.yaml holds every knob's one default,
+# conf/profile/<name>.yaml overlays a profile; `dvc exp run -S` composes them into params.yaml.
+CONF_DIR = "conf"
+CONF_NAME = "config"
+CONFIG_GROUPS = frozenset({"profile"})
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -41,36 +45,36 @@ class _Section(BaseModel):
 
 
 class Paths(_Section):
-    raw: Path = Path("data/raw")
-    downloads: Path = Path("data/downloads")
-    prepared: Path = Path("data/prepared")
-    models: Path = Path("models")
-    reports: Path = Path("reports")
-    checkpoints: Path = Path("checkpoints")
-    optuna: Path = Path("optuna")
-    mlflow: Path = Path("mlflow")
+    raw: Path
+    downloads: Path
+    prepared: Path
+    models: Path
+    reports: Path
+    checkpoints: Path
+    optuna: Path
+    mlflow: Path
 
 
 class DownloadSettings(_Section):
-    timeout_s: PositiveFloat = 60.0
-    retries: NonNegInt = 5
-    backoff_s: Annotated[float, Field(ge=0)] = 2.0
+    timeout_s: PositiveFloat
+    retries: NonNegInt
+    backoff_s: Annotated[float, Field(ge=0)]
 
 
 class SyntheticSettings(_Section):
-    train_per_class: PositiveInt = 120
-    test_per_class: PositiveInt = 30
-    seed: int = 0
+    train_per_class: PositiveInt
+    test_per_class: PositiveInt
+    seed: int
 
 
 class DataSettings(_Section):
-    dataset: Literal["k49", "kmnist", "local", "synthetic"] = "k49"
-    base_url: str | None = None
-    local_dir: Path | None = None
-    local_prefix: str | None = None  # None: the prefix of the one *_classmap.csv in local_dir
-    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
-    download: DownloadSettings = DownloadSettings()
-    synthetic: SyntheticSettings = SyntheticSettings()
+    dataset: Literal["k49", "kmnist", "local", "synthetic"]
+    base_url: str | None
+    local_dir: Path | None
+    local_prefix: str | None  # None: the prefix of the one *_classmap.csv in local_dir
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]
+    download: DownloadSettings
+    synthetic: SyntheticSettings
 
     @model_validator(mode="after")
     def _local_needs_dir(self) -> DataSettings:
@@ -84,41 +88,41 @@ class DataSettings(_Section):
 
 
 class ModelSettings(_Section):
-    spinal_width: PositiveInt = 128
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    spinal_width: PositiveInt
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class AugmentSettings(_Section):
-    rotation_deg: Annotated[float, Field(ge=0.0, le=45.0)] = 12.0
-    translate_frac: Annotated[float, Field(ge=0.0, le=0.3)] = 0.1
-    erasing_prob: Fraction = 0.25
+    rotation_deg: Annotated[float, Field(ge=0.0, le=45.0)]
+    translate_frac: Annotated[float, Field(ge=0.0, le=0.3)]
+    erasing_prob: Fraction
 
 
 class TrainSettings(_Section):
-    epochs: PositiveInt = 60
-    batch_size: PositiveInt = 256
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: PositiveFloat = 0.1
-    momentum: Fraction = 0.9
-    weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
-    schedule: Literal["onecycle", "cosine", "step"] = "onecycle"
-    min_steps_per_epoch: NonNegInt = 64
-    min_batch_size: PositiveInt = 32
-    warmup_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-    step_every: PositiveInt = 20
-    step_gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
-    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-    class_balance: Literal["weighted_loss", "sampler", "none"] = "weighted_loss"
-    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
-    patience: PositiveInt = 12
-    min_delta: Annotated[float, Field(ge=0.0)] = 1e-4
-    max_train_per_class: PositiveInt | None = None
-    max_val_per_class: PositiveInt | None = None
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
-    amp: bool = True
-    channels_last: bool = True
-    compile: bool = False
-    eval_batch_size: PositiveInt = 1024
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    optimizer: Literal["sgd", "adamw"]
+    lr: PositiveFloat
+    momentum: Fraction
+    weight_decay: Annotated[float, Field(ge=0.0)]
+    schedule: Literal["onecycle", "cosine", "step"]
+    min_steps_per_epoch: NonNegInt
+    min_batch_size: PositiveInt
+    warmup_fraction: Annotated[float, Field(ge=0.0, lt=1.0)]
+    step_every: PositiveInt
+    step_gamma: Annotated[float, Field(gt=0.0, le=1.0)]
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)]
+    class_balance: Literal["weighted_loss", "sampler", "none"]
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)]
+    patience: PositiveInt
+    min_delta: Annotated[float, Field(ge=0.0)]
+    max_train_per_class: PositiveInt | None
+    max_val_per_class: PositiveInt | None
+    device: Literal["auto", "cuda", "mps", "cpu"]
+    amp: bool
+    channels_last: bool
+    compile: bool
+    eval_batch_size: PositiveInt
 
 
 class SearchDimension(_Section):
@@ -142,18 +146,18 @@ class SearchDimension(_Section):
 
 
 class TuneSettings(_Section):
-    n_trials: NonNegInt = 30
-    timeout_s: PositiveFloat | None = None
-    epochs: PositiveInt = 10
-    max_train_per_class: PositiveInt | None = 1500
-    max_val_per_class: PositiveInt | None = None
-    workers: PositiveInt = 1
-    study_name: str = "spinalvgg"
-    storage: str | None = None
-    pruner_startup_trials: NonNegInt = 4
-    pruner_warmup_epochs: NonNegInt = 2
-    heartbeat_s: PositiveInt = 60
-    search_space: dict[str, SearchDimension] = Field(default_factory=dict)
+    n_trials: NonNegInt
+    timeout_s: PositiveFloat | None
+    epochs: PositiveInt
+    max_train_per_class: PositiveInt | None
+    max_val_per_class: PositiveInt | None
+    workers: PositiveInt
+    study_name: str
+    storage: str | None
+    pruner_startup_trials: NonNegInt
+    pruner_warmup_epochs: NonNegInt
+    heartbeat_s: PositiveInt
+    search_space: dict[str, SearchDimension]
 
     @model_validator(mode="after")
     def _tunable_keys(self) -> TuneSettings:
@@ -172,35 +176,35 @@ class TuneSettings(_Section):
 
 
 class EvaluateSettings(_Section):
-    batch_size: PositiveInt = 1024
-    tta: bool = False
-    tta_rotations_deg: list[float] = Field(default_factory=lambda: [-6.0, 0.0, 6.0])
-    worst_examples: PositiveInt = 36
+    batch_size: PositiveInt
+    tta: bool
+    tta_rotations_deg: list[float]
+    worst_examples: PositiveInt
 
 
 class RegistrySettings(_Section):
-    model_name: str = "kuzushiji-spinalvgg"
-    champion_alias: str = "champion"
-    challenger_alias: str = "challenger"
-    rejected_alias: str = "rejected"
-    min_balanced_accuracy: Fraction | None = None  # None: halfway between chance (1/classes) and 1
+    model_name: str
+    champion_alias: str
+    challenger_alias: str
+    rejected_alias: str
+    min_balanced_accuracy: Fraction | None  # None: halfway between chance (1/classes) and 1
 
 
 class MlflowSettings(_Section):
-    experiment: str = "kuzushiji"
+    experiment: str
 
 
 class ServeSettings(_Section):
-    bento_model: str = "kuzushiji-spinalvgg"
-    top_k: PositiveInt = 5
-    max_upload_bytes: PositiveInt = 5_000_000
-    max_pixels: PositiveInt = 16_000_000
-    max_batch_images: PositiveInt = 64
-    max_request_bytes: PositiveInt = 32_000_000
-    max_batch_size: PositiveInt = 64
-    max_latency_ms: PositiveInt = 2000
-    request_timeout_s: PositiveInt = 30
-    threads: PositiveInt = 2
+    bento_model: str
+    top_k: PositiveInt
+    max_upload_bytes: PositiveInt
+    max_pixels: PositiveInt
+    max_batch_images: PositiveInt
+    max_request_bytes: PositiveInt
+    max_batch_size: PositiveInt
+    max_latency_ms: PositiveInt
+    request_timeout_s: PositiveInt
+    threads: PositiveInt
 
 
 _SECTION_MODELS: dict[str, type[_Section]] = {
@@ -211,21 +215,20 @@ _SECTION_MODELS: dict[str, type[_Section]] = {
 
 
 class Settings(_Section):
-    """Validated contents of params.yaml after the profile overlay and overrides."""
+    """Validated contents of params.yaml: every knob, as composed for this run."""
 
-    seed: int = 42
-    profile: str = "full"
-    paths: Paths = Paths()
-    data: DataSettings = DataSettings()
-    model: ModelSettings = ModelSettings()
-    augment: AugmentSettings = AugmentSettings()
-    train: TrainSettings = TrainSettings()
-    tune: TuneSettings = TuneSettings()
-    evaluate: EvaluateSettings = EvaluateSettings()
-    registry: RegistrySettings = RegistrySettings()
-    mlflow: MlflowSettings = MlflowSettings()
-    serve: ServeSettings = ServeSettings()
-    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    seed: int
+    profile: str
+    paths: Paths
+    data: DataSettings
+    model: ModelSettings
+    augment: AugmentSettings
+    train: TrainSettings
+    tune: TuneSettings
+    evaluate: EvaluateSettings
+    registry: RegistrySettings
+    mlflow: MlflowSettings
+    serve: ServeSettings
     # Directory that relative paths resolve against (the folder holding params.yaml). Not a YAML key.
     root: Path = Field(default=PROJECT_ROOT, exclude=True)
 
@@ -239,8 +242,8 @@ class Settings(_Section):
         return f"{self.registry.model_name}-{self.data.dataset}"
 
     def resolved(self) -> dict[str, Any]:
-        """Plain dict of the effective settings (for logging to MLflow), without the profile table."""
-        return self.model_dump(mode="json", exclude={"profiles", "root"})
+        """Plain dict of the effective settings (for logging to MLflow)."""
+        return self.model_dump(mode="json", exclude={"root"})
 
     def with_overrides(self, overrides: dict[str, Any]) -> Settings:
         """A copy with dotted-key overrides applied (e.g. tuned hyper-parameters), re-validated."""
@@ -248,59 +251,126 @@ class Settings(_Section):
         _apply_dotted(raw, overrides, source="override")
         return _validate(raw, root=self.root, source="override")
 
+    def run_identity(self, *sections: str) -> dict[str, Any]:
+        """The values of ``sections`` that decide a run's result: :data:`RUNTIME_KEYS` left out."""
+        resolved = self.resolved()
+        return {section: ({key: value for key, value in resolved[section].items()
+                           if f"{section}.{key}" not in RUNTIME_KEYS}
+                          if isinstance(resolved[section], dict) else resolved[section])
+                for section in sections}
+
+
+# The one answer to "which settings define a run": everything in the recipe sections except these keys,
+# which only say where and how fast it runs (or, for the subsets, are covered by the data's own digest).
+# The training checkpoint's fingerprint and the Optuna study's identity both use Settings.run_identity;
+# tests/test_config.py checks that dvc.yaml's stages depend on the recipe sections they read.
+RUNTIME_KEYS = frozenset({
+    "train.device", "train.compile", "train.eval_batch_size",
+    "train.max_train_per_class", "train.max_val_per_class",  # the data digest covers the subset
+    "tune.n_trials", "tune.timeout_s", "tune.workers", "tune.study_name", "tune.storage", "tune.heartbeat_s",
+})
+RECIPE_SECTIONS = ("seed", "model", "augment", "train")
+
+
+# ------------------------------------------------------------------------------------------ loading
+
 
 def load_settings(
     path: str | os.PathLike[str] | None = None,
-    overrides: dict[str, Any] | None = None,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
 ) -> Settings:
-    """Load ``params.yaml`` (or ``$KUZUSHIJI_PARAMS``), apply the profile and dotted overrides, validate."""
+    """The settings of a run.
+
+    Without ``overrides``: ``params.yaml`` (or ``$KUZUSHIJI_PARAMS``) as it is, which after ``dvc exp
+    run`` holds the composed values. With ``overrides``: composed afresh from ``conf/`` exactly as ``dvc
+    exp run -S`` does (defaults < profile < overrides), e.g. ``{"profile": "quick", "train.epochs": 2}``.
+    """
     params_path = Path(path or os.environ.get(PARAMS_ENV) or DEFAULT_PARAMS).resolve()
-    try:
-        raw = yaml.safe_load(params_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{params_path}: file not found (set ${PARAMS_ENV} or pass a path)") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{params_path}: not valid YAML: {exc}") from None
+    if overrides:
+        raw = compose(overrides, conf_dir_for(params_path))
+    else:
+        try:
+            raw = yaml.safe_load(params_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{params_path}: file not found (set ${PARAMS_ENV} or pass a path)") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{params_path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{params_path}: expected a mapping of settings at the top level")
-    # Every profile must be valid now, not only when someone first selects it.
-    for name in raw.get("profiles") or {}:
-        if name != raw.get("profile", "full"):
-            _validate(_apply_profile({**raw, "profile": name}, params_path), root=params_path.parent,
-                      source=f"{params_path} (profile {name!r})")
-    raw = _apply_profile(raw, params_path)
-    if overrides:  # after the overlay: an explicit override wins over the profile
-        _apply_dotted(raw, overrides, source=str(params_path))
     return _validate(raw, root=params_path.parent, source=str(params_path))
 
 
-def _apply_profile(raw: dict[str, Any], source: Path) -> dict[str, Any]:
-    profiles = raw.get("profiles") or {}
-    name = raw.get("profile", "full")
-    if not isinstance(profiles, dict):
-        raise ConfigError(f"{source}: 'profiles' must be a mapping of profile name -> overlay")
-    if name not in profiles:
-        known = ", ".join(sorted(profiles)) or "none defined"
-        raise ConfigError(f"{source}: profile {name!r} is not defined under 'profiles' (known: {known})")
-    for profile_name, profile_overlay in profiles.items():
-        for section in profile_overlay or {}:
-            if section not in PROFILE_SECTIONS:
-                raise ConfigError(
-                    f"{source}: profiles.{profile_name}.{section}: a profile may only overlay "
-                    f"{', '.join(PROFILE_SECTIONS)} (data and paths feed stages that must not re-run per profile)"
-                )
-    overlay = profiles[name] or {}
-    merged = copy.deepcopy(raw)
-    _deep_merge(merged, overlay)
-    return merged
+def conf_dir_for(params_path: Path) -> Path:
+    """The Hydra config folder next to ``params_path``, else the project's."""
+    local = params_path.parent / CONF_DIR
+    return local if (local / f"{CONF_NAME}.yaml").is_file() else PROJECT_ROOT / CONF_DIR
 
 
-def _deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> None:
-    for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_merge(base[key], value)
+def compose(overrides: Mapping[str, Any] | Sequence[str] = (), conf_dir: Path | None = None) -> dict[str, Any]:
+    """The values ``dvc exp run -S ...`` would write to params.yaml: conf/config.yaml, the selected profile
+    and the overrides, composed by Hydra (the same calls DVC makes)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    folder = (conf_dir or PROJECT_ROOT / CONF_DIR).resolve()
+    arguments = list(overrides) if not isinstance(overrides, Mapping) else hydra_overrides(overrides)
+    try:
+        with initialize_config_dir(config_dir=str(folder), version_base=None):
+            config = hydra_compose(config_name=CONF_NAME, overrides=arguments)
+        OmegaConf.resolve(config)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise ConfigError(f"{folder}: cannot compose the settings with {arguments}: {exc}") from None
+    values = OmegaConf.to_container(config)
+    assert isinstance(values, dict)
+    return values
+
+
+def hydra_overrides(values: Mapping[str, Any]) -> list[str]:
+    """``{"profile": "quick", "train.epochs": 2}`` -> ``["profile=quick", "train.epochs=2"]``.
+
+    Config groups (``profile``) are selected by name; other keys are set, or added (``++``) where
+    the key is new, e.g. a search-space dimension. Unknown keys are caught by validation afterwards."""
+    arguments = []
+    for key, value in values.items():
+        if key in CONFIG_GROUPS:
+            arguments.append(f"{key}={value}")
         else:
-            base[key] = copy.deepcopy(value)
+            arguments.append(f"++{key}={_hydra_value(value)}")
+    return arguments
+
+
+def _hydra_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_hydra_value(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{key}:{_hydra_value(item)}" for key, item in value.items()) + "}"
+    escaped = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{escaped}'"
+
+
+def explicit_keys(settings: Settings, candidates: Iterable[str]) -> set[str]:
+    """Which dotted ``candidates`` were set on the command line for this run: their value in params.yaml
+    differs from what ``conf/`` gives for the run's profile. Tuned values never replace those."""
+    composed = compose({"profile": settings.profile}, conf_dir_for(settings.root / DEFAULT_PARAMS.name))
+    baseline = _validate(composed, settings.root, "conf").resolved()
+    current = settings.resolved()
+    return {dotted for dotted in candidates if _lookup(current, dotted) != _lookup(baseline, dotted)}
+
+
+def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
 
 
 def _apply_dotted(raw: dict[str, Any], overrides: dict[str, Any], source: str) -> None:
@@ -350,3 +420,40 @@ def _known_fields(loc: tuple[Any, ...]) -> list[str]:
 def _suggest(name: str, candidates: Any) -> str:
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def write_params(path: Path, overrides: Mapping[str, Any] | Sequence[str] = ()) -> Path:
+    """Write the composed values to ``path`` the way ``dvc exp run`` does (OmegaConf's YAML)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.files import write_text
+
+    values = compose(overrides, conf_dir_for(Path(path).resolve()))
+    return write_text(Path(path), OmegaConf.to_yaml(OmegaConf.create(values)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.config",
+        description="Compose conf/ (+ Hydra overrides such as profile=cpu train.epochs=3) into params.yaml, "
+                    "as `dvc exp run -S` does; --check only tells whether params.yaml is the composed default.")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. profile=cpu train.epochs=3")
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    if args.check:
+        current = yaml.safe_load(args.params.read_text(encoding="utf-8"))
+        if current != compose(args.overrides, conf_dir_for(args.params.resolve())):
+            print(f"{args.params} differs from conf/ composed with {args.overrides or 'the defaults'}: "
+                  "run `python -m pipeline.config` after editing conf/ (or this is an experiment's workspace)")
+            return 1
+        return 0
+    write_params(args.params, args.overrides)
+    load_settings(args.params)  # validate what was written
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -196,3 +196,36 @@ class TrainRun:
             raise DataError(f"{path}: 'run_id' is missing or empty; re-run the train stage")
         return cls(run_id=run_id, experiment_id=str(info.get("experiment_id") or ""),
                    tracking_uri=str(info.get("tracking_uri") or ""))
+
+
+# ------------------------------------------------------------------------ tuned values, trained bundle
+
+BEST_PARAMS_FILE = "best_params.yaml"  # under paths.models: the tune stage's best values, dotted keys
+BUNDLE_FILE = "model.pt"  # under paths.models: the trained weights + constructor arguments (PyTorch)
+
+
+def read_best_params(path: Path) -> dict[str, Any]:
+    """The tune stage's best values (dotted key -> value); {} when tuning was off or the file is absent."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise DataError(f"{path}: not valid YAML ({exc}); delete it or re-run the tune stage") from None
+    if not values:
+        return {}
+    if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
+        raise DataError(f"{path}: expected a mapping of dotted setting -> value; re-run the tune stage")
+    return values
+
+
+# ------------------------------------------------------------------------------ the registry's record
+
+# Tags of every registered model version: written by the register stage, read by the package stage.
+HEADLINE_METRIC = "test_balanced_accuracy"  # K49's official metric; decides champion and quality gate
+TEST_METRICS = ("test_balanced_accuracy", "test_accuracy", "test_macro_f1")
+TAG_STATUS = "status"
+STATUS_PENDING, STATUS_READY, STATUS_FAILED = "pending", "ready", "failed"

@@ -1,32 +1,17 @@
-"""The data layer: get the official files (download, local folder or synthetic), validate, split.
+"""The data layer shared by the stages: the official format's facts, loading and validation, the
+prepared splits.
 
-Stages:
-
-- ``fetch_raw(settings)`` (download): the official K49/KMNIST files with their MD5s checked, a local folder
-  in the official format (validated), or the synthetic stand-in, all into ``paths.raw`` with a
-  ``manifest.json``. Every file lands atomically: a temporary file in the same folder, fsync, rename.
-  Official files are downloaded into ``paths.downloads/<dataset>`` first: DVC deletes ``paths.raw`` before
-  re-running the stage, and that cache (MD5-checked, not a DVC output) spares a new download each time.
-- ``prepare(settings)`` (prepare): a stratified train/validation split of the official train set, pixel
-  statistics and data reports. The test set is only read by ``load_test`` (evaluation); prepare takes
-  its size from the manifest.
-
+The download stage (``pipeline.download``) writes ``paths.raw``; the prepare stage (``pipeline.prepare``)
+splits it into ``paths.prepared``; training, tuning and evaluation read both through the functions here.
 Files are always loaded with ``allow_pickle=False`` and validated (dtype, shape, label range, class map)
 by the same code, whatever their source. This module imports no torch.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
-import os
-import re
-import secrets
-import shutil
-import time
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,41 +20,29 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import DownloadSettings, Settings
+from pipeline.config import Settings
 from pipeline.contract import (
-    CLASSMAP_HEADER,
     CLASSMAP_SUFFIX,
     GLYPH_SIDE,
-    MIN_CLASSES,
     NPZ_KEY,
     ClassMap,
     DataError,
     load_classmap,
     official_file_names,
-    write_classmap,
 )
-from pipeline.files import FILE_MODE, TEMP_SUFFIX, atomic_path, remove_stale_parts, write_json, write_text
+from pipeline.files import FILE_MODE, atomic_path
 
 logger = logging.getLogger(__name__)
 
-OFFICIAL_BASE_URL = "http://codh.rois.ac.jp/kmnist/dataset/{dataset}/"
 MANIFEST_NAME = "manifest.json"
 PREPARED_SPLITS = ("train", "val")
 PREPARED_KEYS = ("images", "labels")
 CLASSMAP_NAME = "classmap.csv"
 STATS_NAME = "stats.json"
-# Prepare-stage reports, relative to paths.reports (dvc.yaml names the same files).
-SUMMARY_REPORT = "data/summary.json"
-CLASS_COUNTS_REPORT = "data/class_counts.csv"
-SAMPLES_FIGURE = "figures/data_samples.png"
-MIN_PER_CLASS_FOR_SPLIT = 2  # a stratified split puts one image of each class on each side
 # Official images have a black background; a larger mean means the polarity is inverted.
 MAX_MEAN_PIXEL = 127.5
-SAMPLE_GRID_MAX_CLASSES = 64  # the data_samples figure shows one image for each of the first N classes
 HASH_CHUNK_BYTES = 1 << 20
 ZIP_TIMESTAMP = (1980, 1, 1, 0, 0, 0)  # fixed, so equal arrays give byte-identical .npz files
-# Retrying these HTTP statuses may help (server busy or failing); other errors will not change.
-RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _NPY_MAGIC = b"\x93NUMPY"
 
@@ -107,10 +80,6 @@ OFFICIAL_CLASSMAP_MD5 = {
     dataset: facts[f"{dataset}_classmap.csv"].md5 for dataset, facts in OFFICIAL_FILES.items()
 }
 
-NO_DOWNLOAD_HINT = (
-    "What to do: check the network, point data.base_url at a mirror holding the official files, or set "
-    "data.dataset=local with data.local_dir holding the files you already have"
-)
 
 
 @dataclass(frozen=True)
@@ -166,168 +135,21 @@ def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
     return Path(path)
 
 
-def _copy_file(source: Path, target: Path) -> Path:
-    with atomic_path(target) as temp:
-        shutil.copyfile(source, temp)
-    return target
 
 
-def _link_or_copy(source: Path, target: Path) -> Path:
-    """Hard-link ``source`` to ``target`` (atomic rename over it); copy where links are impossible.
-
-    Only for files that are replaced, never written in place (the download cache): a shared inode is safe.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_parts(target.parent, target.name)
-    temp = target.parent / f".{target.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
-    try:
-        os.link(source, temp)  # another filesystem, or one without hard links: OSError
-    except OSError as exc:
-        logger.info("%s: cannot hard-link into %s (%s); copying", source, target.parent, exc)
-        return _copy_file(source, target)
-    try:
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
-    return target
 
 
 # ---------------------------------------------------------------------------------------------- download
 
 
-class _Retryable(Exception):
-    """A failed attempt that may succeed when tried again (network error, busy server, cut-off body)."""
 
 
-def download_files(
-    base_url: str,
-    dest_dir: Path,
-    expected: Mapping[str, str],
-    options: DownloadSettings,
-    sizes: Mapping[str, int] | None = None,
-) -> list[Path]:
-    """Download ``base_url/<name>`` for each name of ``expected`` (name -> MD5) into ``dest_dir``.
-
-    A file already there with the right MD5 is kept. Each file is streamed to a temporary file, its
-    size (Content-Length and ``sizes``, when known) and MD5 checked, then renamed into place; network
-    errors, retryable HTTP statuses and truncated bodies are retried ``options.retries`` times with
-    exponential backoff. Raises :class:`DataError` naming the file and URL.
-    """
-    import httpx
-
-    dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    sizes = sizes or {}
-    paths = []
-    with httpx.Client(
-        timeout=httpx.Timeout(options.timeout_s),
-        follow_redirects=True,
-        headers={"Accept-Encoding": "identity"},  # byte counts then match Content-Length
-    ) as client:
-        for name, md5 in expected.items():
-            target = dest_dir / name
-            remove_stale_parts(dest_dir, name)  # left by a killed run; never accepted, never reused
-            if target.is_file():
-                if md5_of(target) == md5.lower():
-                    logger.info("%s: already present with the expected MD5, not downloaded again", target)
-                    paths.append(target)
-                    continue
-                logger.warning("%s: present but its MD5 differs; downloading it again", target)
-            url = f"{base_url.rstrip('/')}/{name}"
-            paths.append(_download_one(client, url, target, md5.lower(), sizes.get(name), options))
-    return paths
 
 
-def _download_one(
-    client: Any, url: str, target: Path, md5: str, size: int | None, options: DownloadSettings
-) -> Path:
-    attempts = options.retries + 1
-    for attempt in range(attempts):
-        try:
-            with atomic_path(target) as temp:
-                received, digest = _stream(client, url, temp, size)
-                if digest != md5:
-                    raise DataError(
-                        f"{target.name} downloaded from {url} has MD5 {digest} ({received} bytes), expected "
-                        f"{md5}: the server holds a different or damaged file; nothing was kept. "
-                        + NO_DOWNLOAD_HINT
-                    )
-            logger.info("%s: downloaded from %s (%d bytes, MD5 ok)", target, url, received)
-            return target
-        except _Retryable as exc:
-            if attempt + 1 >= attempts:
-                raise DataError(
-                    f"could not download {target.name} from {url} after {attempts} attempt(s): {exc}. "
-                    + NO_DOWNLOAD_HINT
-                ) from None
-            delay = options.backoff_s * 2**attempt
-            logger.warning("%s: %s; retry %d/%d in %.1fs", url, exc, attempt + 1, options.retries, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")  # the loop returns or raises
 
 
-def _stream(client: Any, url: str, temp: Path, size: int | None) -> tuple[int, str]:
-    """GET ``url`` into ``temp``; return (bytes received, MD5). Raises _Retryable or DataError."""
-    import httpx
-    from tqdm import tqdm
-
-    digest = hashlib.md5(usedforsecurity=False)
-    received = 0
-    try:
-        with client.stream("GET", url) as response:
-            status = response.status_code
-            if status in RETRYABLE_STATUS:
-                raise _Retryable(f"HTTP {status}")
-            if status != httpx.codes.OK:
-                raise DataError(
-                    f"could not download {Path(url).name} from {url}: "
-                    f"HTTP {status} {response.reason_phrase}. " + NO_DOWNLOAD_HINT
-                )
-            declared = _content_length(response)
-            if declared is not None and size is not None and declared != size:
-                raise DataError(  # checked before the body: no need to fetch a file we would reject
-                    f"{Path(url).name} at {url} has {declared} bytes (Content-Length), expected {size}: the "
-                    "server holds a different file; nothing was kept. " + NO_DOWNLOAD_HINT
-                )
-            with (
-                open(temp, "wb") as out,
-                tqdm(
-                    total=declared if declared is not None else size,
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    desc=Path(url).name,
-                    leave=False,
-                    disable=None,  # a bar on terminals, quiet in logs
-                ) as bar,
-            ):
-                for chunk in response.iter_bytes():  # as the network delivers it (decoded if encoded)
-                    out.write(chunk)
-                    digest.update(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-    except httpx.RemoteProtocolError as exc:  # h11 noticed the body ended before Content-Length
-        raise _Retryable(f"truncated body: connection closed after {received} bytes ({exc})") from None
-    except httpx.TransportError as exc:  # refused, DNS, timeouts, connection reset
-        raise _Retryable(f"{type(exc).__name__}: {exc or 'no details'} ({received} bytes received)") from None
-    if declared is not None and received < declared:
-        raise _Retryable(f"truncated body: {received} of {declared} bytes (Content-Length)")
-    if size is not None and declared is None and received < size:
-        raise _Retryable(f"truncated body: {received} of the expected {size} bytes")
-    if (declared is not None and received != declared) or (size is not None and received != size):
-        raise DataError(
-            f"{Path(url).name} from {url} has {received} bytes, expected {size if size else declared}: "
-            "the server holds a different file; nothing was kept. " + NO_DOWNLOAD_HINT
-        )
-    return received, digest.hexdigest()
 
 
-def _content_length(response: Any) -> int | None:
-    value = response.headers.get("Content-Length")
-    encoding = response.headers.get("Content-Encoding", "identity").lower()
-    if value is None or not value.isdigit() or encoding != "identity":
-        return None
-    return int(value)
 
 
 # -------------------------------------------------------------------------------------------- validation
@@ -420,7 +242,7 @@ def load_official(folder: Path, prefix: str) -> OfficialData:
     classmap = load_classmap(folder / names["classmap"])
     train = _load_split(folder, prefix, "train", classmap)
     test = _load_split(folder, prefix, "test", classmap)
-    _check_train_covers_classes(folder, train, classmap)
+    check_train_covers_classes(folder, train, classmap)
     return OfficialData(train, test, classmap)
 
 
@@ -433,7 +255,7 @@ def _load_split(folder: Path, prefix: str, split: str, classmap: ClassMap) -> La
     return validate_split(images, labels, len(classmap), where)
 
 
-def _check_train_covers_classes(folder: Path, train: LabeledImages, classmap: ClassMap) -> None:
+def check_train_covers_classes(folder: Path, train: LabeledImages, classmap: ClassMap) -> None:
     absent = np.flatnonzero(np.bincount(train.labels, minlength=len(classmap)) == 0)
     if absent.size:
         shown = ", ".join(f"{index} {classmap.chars[index]}" for index in absent[:10])
@@ -466,84 +288,8 @@ def local_prefix(folder: Path, prefix: str | None) -> str:
 # ------------------------------------------------------------------------------------------ download stage
 
 
-def fetch_raw(settings: Settings) -> Path:
-    """The download stage: official download, local copy or synthetic generation into ``paths.raw``."""
-    data = settings.data
-    raw = settings.path("raw")
-    raw.mkdir(parents=True, exist_ok=True)
-    # The manifest marks a complete stage: it is dropped before any raw file changes, so a failed run
-    # never looks complete, and written last.
-    manifest_path = raw / MANIFEST_NAME
-    if data.dataset in OFFICIAL_FILES:
-        manifest_path.unlink(missing_ok=True)
-        prefix = data.dataset
-        base_url = data.base_url or OFFICIAL_BASE_URL.format(dataset=prefix)
-        facts = OFFICIAL_FILES[prefix]
-        # The cache outlives paths.raw (which DVC deletes before each run of this stage); it is keyed by
-        # the official MD5s, so the official site and any mirror share it.
-        cached = download_files(
-            base_url,
-            settings.path("downloads") / prefix,
-            {name: fact.md5 for name, fact in facts.items()},
-            data.download,
-            sizes={name: fact.bytes for name, fact in facts.items()},
-        )
-        for path in cached:
-            _link_or_copy(path, raw / path.name)
-        source = base_url
-    elif data.dataset == "local":
-        assert data.local_dir is not None  # guaranteed by DataSettings
-        folder = data.local_dir if data.local_dir.is_absolute() else settings.root / data.local_dir
-        prefix = local_prefix(folder, data.local_prefix)
-        load_official(folder, prefix)  # validate everything before touching paths.raw
-        incoming = {name: md5_of(folder / name) for name in official_file_names(prefix).values()}
-        _keep_official_downloads(raw, incoming, f"the files of {folder}")
-        manifest_path.unlink(missing_ok=True)
-        for name in official_file_names(prefix).values():
-            if (raw / name).resolve() != (folder / name).resolve():
-                _copy_file(folder / name, raw / name)
-        source = str(folder.resolve())
-    else:
-        from pipeline import synthetic
-
-        prefix = synthetic.PREFIX
-        options = data.synthetic
-        # The synthetic class map is the official one; every other file differs from a real download.
-        incoming = {name: None for name in official_file_names(prefix).values()}
-        incoming[official_file_names(prefix)["classmap"]] = OFFICIAL_CLASSMAP_MD5[prefix]
-        _keep_official_downloads(raw, incoming, "the synthetic set")
-        manifest_path.unlink(missing_ok=True)
-        synthetic.generate(raw, options.train_per_class, options.test_per_class, options.seed)
-        source = f"synthetic:seed={options.seed}"
-    loaded = load_official(raw, prefix)  # the same validator for every source
-    names = official_file_names(prefix).values()
-    manifest = {
-        "dataset": data.dataset,
-        "source": source,
-        "prefix": prefix,
-        "files": {name: {"md5": md5_of(raw / name), "bytes": (raw / name).stat().st_size} for name in names},
-        "n_train": len(loaded.train),
-        "n_test": len(loaded.test),
-        "n_classes": len(loaded.classmap),
-    }
-    write_json(manifest_path, manifest)
-    logger.info("raw data ready in %s: %s", raw, {k: v for k, v in manifest.items() if k != "files"})
-    return raw
 
 
-def _keep_official_downloads(raw: Path, incoming: Mapping[str, str | None], what: str) -> None:
-    """Refuse to overwrite a verified official file in ``raw`` with different content (MD5 ``incoming``)."""
-    official = {fact.md5 for facts in OFFICIAL_FILES.values() for fact in facts.values()}
-    clashes = [
-        name
-        for name, md5 in incoming.items()
-        if (raw / name).is_file() and (current := md5_of(raw / name)) in official and current != md5
-    ]
-    if clashes:
-        raise DataError(
-            f"{raw} holds official downloaded files ({', '.join(clashes)}) that {what} would overwrite; "
-            "nothing was changed. Move them away, or point paths.raw at another folder"
-        )
 
 
 def read_manifest(settings: Settings) -> dict[str, Any]:
@@ -557,7 +303,7 @@ def read_manifest(settings: Settings) -> dict[str, Any]:
         raise DataError(f"{path}: not valid JSON ({exc}); run the download stage again") from None
 
 
-def _verified_raw_split(settings: Settings, split: str) -> tuple[LabeledImages, ClassMap, dict[str, Any]]:
+def verified_raw_split(settings: Settings, split: str) -> tuple[LabeledImages, ClassMap, dict[str, Any]]:
     """One raw split and the class map, their files checked against the manifest's MD5s first.
 
     Only that split's files are opened, so the prepare stage never reads the test set.
@@ -579,107 +325,17 @@ def _verified_raw_split(settings: Settings, split: str) -> tuple[LabeledImages, 
 
 def load_test(settings: Settings) -> LabeledImages:
     """The official test split (MD5-checked against the manifest, validated); only evaluation reads it."""
-    test, _, _ = _verified_raw_split(settings, "test")
+    test, _, _ = verified_raw_split(settings, "test")
     return test
 
 
 # ------------------------------------------------------------------------------------------- prepare stage
 
 
-def prepare(settings: Settings) -> dict[str, Any]:
-    """The prepare stage: stratified train/val split, pixel statistics, data reports. Returns the summary."""
-    from sklearn.model_selection import train_test_split
-
-    train, classmap, manifest = _verified_raw_split(settings, "train")
-    _check_train_covers_classes(settings.path("raw"), train, classmap)
-    n_classes = len(classmap)
-    counts = np.bincount(train.labels, minlength=n_classes)
-    small = np.flatnonzero(counts < MIN_PER_CLASS_FOR_SPLIT)
-    if small.size:
-        raise DataError(
-            f"classes {[classmap.chars[i] for i in small[:10]]} have fewer than {MIN_PER_CLASS_FOR_SPLIT} "
-            "training images; a stratified train/validation split needs at least one on each side"
-        )
-    n_val = int(np.ceil(settings.data.val_fraction * len(train)))
-    if n_val < n_classes or len(train) - n_val < n_classes:
-        raise DataError(
-            f"data.val_fraction={settings.data.val_fraction} gives {n_val} validation and "
-            f"{len(train) - n_val} training images for {n_classes} classes; each side needs at least one "
-            "image per class: choose a val_fraction between "
-            f"{n_classes / len(train):.3g} and {1 - n_classes / len(train):.3g}"
-        )
-    indices = np.arange(len(train))
-    train_idx, val_idx = train_test_split(
-        indices, test_size=settings.data.val_fraction, stratify=train.labels, random_state=settings.seed
-    )
-    splits = {
-        "train": LabeledImages(train.images[np.sort(train_idx)], train.labels[np.sort(train_idx)]),
-        "val": LabeledImages(train.images[np.sort(val_idx)], train.labels[np.sort(val_idx)]),
-    }
-
-    prepared = settings.path("prepared")
-    for split, part in splits.items():
-        write_npz(prepared / f"{split}.npz", {"images": part.images, "labels": part.labels})
-    write_classmap(classmap, prepared / CLASSMAP_NAME)
-    split_counts = {split: np.bincount(part.labels, minlength=n_classes) for split, part in splits.items()}
-    pixel_mean, pixel_std = _pixel_stats(splits["train"].images)
-    write_json(
-        prepared / STATS_NAME,
-        {
-            "pixel_mean": pixel_mean,
-            "pixel_std": pixel_std,
-            "n_train": len(splits["train"]),
-            "n_val": len(splits["val"]),
-            "n_classes": n_classes,
-            "counts": {split: counts.tolist() for split, counts in split_counts.items()},
-        },
-    )
-
-    train_counts = split_counts["train"]
-    summary = {
-        "n_train": len(splits["train"]),
-        "n_val": len(splits["val"]),
-        "n_test": int(manifest["n_test"]),  # counted by the download stage; prepare never reads test files
-        "n_classes": n_classes,
-        "min_class_count": int(train_counts.min()),
-        "max_class_count": int(train_counts.max()),
-        "imbalance_ratio": round(float(train_counts.max() / train_counts.min()), 4),
-    }
-    reports = settings.path("reports")
-    write_json(reports / SUMMARY_REPORT, summary)
-    rows = ["index,char,train,val"] + [
-        f"{index},{char},{train_counts[index]},{split_counts['val'][index]}"
-        for index, char in enumerate(classmap.chars)
-    ]
-    write_text(reports / CLASS_COUNTS_REPORT, "\n".join(rows) + "\n")
-    _save_samples(splits["train"], classmap, reports / SAMPLES_FIGURE, settings.seed)
-    logger.info("prepared %s: %s", prepared, summary)
-    return summary
 
 
-def _pixel_stats(images: np.ndarray) -> tuple[float, float]:
-    """Exact pixel mean and std in 0..1 units, from a 256-bin histogram (no float copy of the data)."""
-    histogram = np.bincount(images.ravel(), minlength=256).astype(np.float64)
-    values = np.arange(256, dtype=np.float64) / 255.0
-    total = histogram.sum()
-    mean = float((histogram * values).sum() / total)
-    std = float(np.sqrt((histogram * (values - mean) ** 2).sum() / total))
-    return mean, std
 
 
-def _save_samples(data: LabeledImages, classmap: ClassMap, path: Path, seed: int) -> None:
-    from pipeline.figures import save_image_grid
-
-    rng = np.random.default_rng(seed)
-    shown = range(min(len(classmap), SAMPLE_GRID_MAX_CLASSES))
-    picks = [int(rng.choice(np.flatnonzero(data.labels == index))) for index in shown]
-    save_image_grid(
-        data.images[picks],
-        [f"{index} {classmap.chars[index]}" for index in shown],
-        path,
-        columns=int(np.ceil(np.sqrt(len(picks)))),
-        suptitle="one training image per class",
-    )
 
 
 def load_prepared(settings: Settings, split: str) -> LabeledImages:

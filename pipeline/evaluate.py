@@ -7,8 +7,8 @@ characters.
 
 from __future__ import annotations
 
-import json
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
+from tqdm.auto import tqdm
 
 from pipeline.config import Settings
-from pipeline.contract import TRAIN_RUN_FILE, TrainRun, softmax
+from pipeline.contract import BUNDLE_FILE, TRAIN_RUN_FILE, TrainRun, softmax
 from pipeline.files import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -114,14 +115,24 @@ def rotate_images(images: np.ndarray, degrees: float) -> np.ndarray:
 def predict_proba(model: Any, images: np.ndarray, batch_size: int, device: Any,
                   rotations_deg: Sequence[float] = (0.0,)) -> np.ndarray:
     """Class probabilities (N, C), averaged over one view per rotation (test-time augmentation)."""
-    from pipeline.train import predict_logits
+    from pipeline.loop import predict_logits
 
     if not rotations_deg:
         raise EvaluationError("evaluate.tta_rotations_deg is empty: list at least one angle (e.g. [0.0])")
+    starts = range(0, len(images), batch_size)
     total: np.ndarray | None = None
-    for degrees in rotations_deg:
-        probs = softmax(predict_logits(model, rotate_images(images, degrees), batch_size, device))
-        total = probs if total is None else total + probs
+    # Batch by batch only for the bar (on a terminal; quiet in CI logs): K49's test set is minutes on a CPU.
+    with tqdm(total=len(rotations_deg) * len(starts), desc="evaluate", unit="batch", leave=False,
+              disable=not sys.stderr.isatty()) as bar:
+        for degrees in rotations_deg:
+            rotated = rotate_images(images, degrees)
+            parts = []
+            for start in starts:
+                parts.append(predict_logits(model, rotated[start:start + batch_size], batch_size, device))
+                bar.update()
+            logits = np.concatenate(parts) if parts else predict_logits(model, rotated, batch_size, device)
+            probs = softmax(logits)
+            total = probs if total is None else total + probs
     assert total is not None
     return total / len(rotations_deg)
 
@@ -205,17 +216,17 @@ def plot_worst_errors(images: np.ndarray, y_true: np.ndarray, probs: np.ndarray,
 
 def run(settings: Settings) -> dict[str, Any]:
     """Evaluate stage: predict the test split, write metrics/reports/figures, log them to the train run."""
-    from pipeline import data, tracking, train
+    from pipeline import data, loop, tracking
 
     models = settings.path("models")
-    model, meta = train.load_bundle(models / train.BUNDLE_FILE)
+    model, meta = loop.load_bundle(models / BUNDLE_FILE)
     run_id = TrainRun.read(models / TRAIN_RUN_FILE).run_id
     test = data.load_test(settings)
     chars = [str(char) for char in meta.get("classes", [])]
     num_classes = int(model.num_classes)
     if len(chars) != num_classes:
         raise EvaluationError(
-            f"{models / train.BUNDLE_FILE}: the model has {num_classes} outputs but its class map lists "
+            f"{models / BUNDLE_FILE}: the model has {num_classes} outputs but its class map lists "
             f"{len(chars)} characters; re-run the train stage"
         )
     if len(test) and int(test.labels.max()) >= num_classes:
@@ -227,7 +238,7 @@ def run(settings: Settings) -> dict[str, Any]:
 
     cfg = settings.evaluate
     rotations = list(cfg.tta_rotations_deg) if cfg.tta else [0.0]
-    device = train.select_device(settings.train.device)
+    device = loop.select_device(settings.train.device)
     probs = predict_proba(model, test.images, cfg.batch_size, device, rotations)
     y_true, y_pred = test.labels, probs.argmax(axis=1)
 

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from pipeline.config import Settings
-from pipeline.contract import GLYPH_SIDE
 from pipeline.transforms import normalize
 
 IN_CHANNELS = 1

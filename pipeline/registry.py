@@ -19,26 +19,32 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from pipeline import tracking
 from pipeline.config import Settings
-from pipeline.contract import CLASSMAP_FILE, META_FILE, ONNX_FILE, TRAIN_RUN_FILE, TrainRun, load_classmap
+from pipeline.contract import (
+    CLASSMAP_FILE,
+    HEADLINE_METRIC,
+    STATUS_FAILED,
+    STATUS_PENDING,
+    STATUS_READY,
+    TAG_STATUS,
+    TEST_METRICS,
+    TRAIN_RUN_FILE,
+    TrainRun,
+    load_classmap,
+)
 from pipeline.files import write_json
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "registry.json"
-HEADLINE_METRIC = "test_balanced_accuracy"
-TEST_METRICS = ("test_balanced_accuracy", "test_accuracy", "test_macro_f1")
 
-TAG_STATUS = "status"
-STATUS_PENDING, STATUS_READY, STATUS_FAILED = "pending", "ready", "failed"
 TAG_DECISION = "decision"
 TAG_REASON = "decision_reason"
 TAG_DATA_DIGEST = "data.digest"
@@ -103,7 +109,7 @@ def run(settings: Settings) -> dict[str, Any]:
     undo: list[tuple[str, str | None]] = []  # (alias, version it pointed to before this stage)
 
     def point(alias: str, target: str | None) -> None:
-        current = _version_by_alias(client, name, alias)
+        current = tracking.version_by_alias(client, name, alias)
         before = str(current.version) if current else None
         if before == target:
             return
@@ -122,7 +128,7 @@ def run(settings: Settings) -> dict[str, Any]:
             log.info("run %s is already %s version %s: re-deciding its aliases", run_id, name,
                      version.version)
         number = str(version.version)  # MLflow returns int or str depending on the call
-        previous = _version_by_alias(client, name, aliases.champion_alias)
+        previous = tracking.version_by_alias(client, name, aliases.champion_alias)
         previous_number = str(previous.version) if previous else None
         for key, value in base_tags.items():
             client.set_model_version_tag(name, number, key, value)
@@ -136,7 +142,7 @@ def run(settings: Settings) -> dict[str, Any]:
             champion_version = previous_number
         elif decision == DECISION_CHAMPION:
             point(aliases.champion_alias, number)
-            challenger = _version_by_alias(client, name, aliases.challenger_alias)
+            challenger = tracking.version_by_alias(client, name, aliases.challenger_alias)
             if challenger is not None and str(challenger.version) == number:
                 point(aliases.challenger_alias, None)  # one version is never both
             champion_version = number
@@ -192,7 +198,7 @@ def decide(new_value: float, new_dataset: str, new_version: str, champion: Any |
             f"trained on {new_dataset!r} but {champion_alias} v{champion.version} on {old_dataset!r}: scores "
             "are not comparable; check that data.dataset matches the training run"
         )
-    old_value = _float(champion.tags.get(HEADLINE_METRIC))
+    old_value = tracking.metric_value(champion.tags.get(HEADLINE_METRIC))
     if old_value is None:
         return DECISION_CHAMPION, (f"{champion_alias} v{champion.version} has no recorded {HEADLINE_METRIC}; "
                                    f"new {new_value:.6f} replaces it")
@@ -201,35 +207,6 @@ def decide(new_value: float, new_dataset: str, new_version: str, champion: Any |
                                    f"v{champion.version} ({old_value:.6f})")
     return DECISION_CHALLENGER, (f"{HEADLINE_METRIC} {new_value:.6f} does not beat {champion_alias} "
                                  f"v{champion.version} ({old_value:.6f})")
-
-
-def champion_artifacts(settings: Settings, dest_dir: Path) -> dict[str, Any]:
-    """Download the champion's serving files (``onnx/``) into ``dest_dir``; return paths, version, metrics."""
-    client = _client(settings)
-    name, alias = settings.registered_model_name(), settings.registry.champion_alias
-    version = _version_by_alias(client, name, alias)
-    if version is None:
-        raise RegistryError(f"registered model {name!r} has no {alias!r} version at "
-                            f"{tracking.tracking_uri(settings)}: run the register stage first "
-                            "(`dvc repro register`)")
-    if version.tags.get(TAG_STATUS) != STATUS_READY:
-        raise RegistryError(f"{name} v{version.version} ({alias}) has status "
-                            f"{version.tags.get(TAG_STATUS)!r}, not {STATUS_READY!r}: "
-                            "re-run the register stage")
-    dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    local = Path(mlflow.artifacts.download_artifacts(
-        run_id=version.run_id, artifact_path=tracking.ONNX_ARTIFACT, dst_path=str(dest_dir),
-        tracking_uri=tracking.tracking_uri(settings)))
-    files = {"onnx": local / ONNX_FILE, "classmap": local / CLASSMAP_FILE,
-             "meta": local / META_FILE}
-    missing = [str(path) for path in files.values() if not path.is_file()]
-    if missing:
-        raise RegistryError(f"{name} v{version.version}: run {version.run_id} lacks {', '.join(missing)}; "
-                            "re-run the train stage so it logs the ONNX files")
-    metrics = {key: value for key in TEST_METRICS if (value := _float(version.tags.get(key))) is not None}
-    return {**files, "model_name": name, "version": str(version.version), "run_id": version.run_id,
-            "alias": alias, "metrics": metrics, "dataset": version.tags.get(tracking.TAG_DATASET)}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -298,17 +275,8 @@ def _existing_version(client: mlflow.MlflowClient, name: str, run_id: str) -> An
     return max(usable, key=lambda v: int(v.version)) if usable else None
 
 
-def _version_by_alias(client: mlflow.MlflowClient, name: str, alias: str) -> Any | None:
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        if _is(exc, RESOURCE_DOES_NOT_EXIST) or "not found" in str(exc).lower():
-            return None
-        raise
-
-
 def _metric_of(version: Any | None) -> float | None:
-    return None if version is None else _float(version.tags.get(HEADLINE_METRIC))
+    return None if version is None else tracking.metric_value(version.tags.get(HEADLINE_METRIC))
 
 
 def _roll_back(client: mlflow.MlflowClient, name: str, version: str, undo: list[tuple[str, str | None]],
@@ -325,14 +293,6 @@ def _roll_back(client: mlflow.MlflowClient, name: str, version: str, undo: list[
                                      f"{type(error).__name__}: {error}"[: tracking.FAILURE_TAG_MAX_CHARS])
     except Exception:  # the registry itself is down: the original error is the one to report
         log.exception("could not mark %s version %s as failed", name, version)
-
-
-def _float(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _fmt(value: float) -> str:

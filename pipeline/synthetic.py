@@ -17,14 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from pipeline.contract import GLYPH_SIDE
-from pipeline.data import (
-    NPZ_KEY,
-    OFFICIAL_CLASSMAPS,
-    official_file_names,
-    write_classmap,
-    write_npz,
-)
+from pipeline.contract import GLYPH_SIDE, NPZ_KEY, official_file_names, write_classmap
+from pipeline.data import OFFICIAL_CLASSMAPS, write_npz
 from pipeline.figures import japanese_font_path
 
 PREFIX = "k49"  # synthetic files carry the K49 names so every later stage treats them alike

@@ -6,7 +6,7 @@ same configuration resumes the same study, a changed one starts a new study. ``t
 number of finished (complete + pruned) trials of the study, so a killed run started again only runs what is
 missing. Several worker processes (``--workers N``, or other machines on the same storage) share one study.
 
-Each trial trains SpinalVGG on a per-class subset for ``tune.epochs`` epochs through ``train.fit`` and is a
+Each trial trains SpinalVGG on a per-class subset for ``tune.epochs`` epochs through ``loop.fit`` and is a
 nested MLflow run under one parent ``tune`` run, with its parameters, per-epoch curves and final state.
 The parent run's id is a study user attribute, so a resumed study (rerun, other workers) keeps nesting
 under the same parent. A trial that raises (e.g. out of memory) is recorded FAILED and the study goes on.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -24,6 +25,7 @@ import math
 import multiprocessing
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,14 +37,15 @@ import optuna
 import yaml
 from mlflow.exceptions import MlflowException
 from optuna.trial import FrozenTrial, TrialState
+from tqdm.auto import tqdm
 
 from pipeline import files, tracking
-from pipeline.config import ConfigError, Settings, load_settings
+from pipeline.config import RECIPE_SECTIONS, Settings, load_settings
+from pipeline.contract import BEST_PARAMS_FILE, load_classmap
 
 log = logging.getLogger(__name__)
 
 OBJECTIVE = "val_balanced_accuracy"  # the K49 metric, on the validation split (never the test set)
-BEST_PARAMS_FILE = "best_params.yaml"
 JOURNAL_FILE = "journal.log"
 SUMMARY_FILE = "summary.json"
 TRIALS_FILE = "trials.csv"
@@ -53,13 +56,9 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the one MLflow "tune" run all trials nest under
 FAIL_REASON_ATTR = "fail_reason"  # trial user attr: why a trial FAILED
 FAIL_REASON_MAX_CHARS = 1000  # head of the error message kept in the study (tracebacks go to the log)
-# Settings that change how a trial runs but not what it measures: left out of the study hash so that
-# e.g. raising n_trials or adding workers resumes the same study.
-_EXECUTION_ONLY_TUNE = ("n_trials", "timeout_s", "workers", "study_name", "storage", "heartbeat_s")
-# On top of train.FINGERPRINT_EXCLUDED (device, compile, eval batch, subsets): a trial trains for
-# tune.epochs, and mixed precision / memory layout are speed knobs of the same objective. (A training
-# checkpoint keeps them in its fingerprint: its optimiser state depends on them; a study does not.)
-_EXECUTION_ONLY_TRAIN_EXTRA = ("epochs", "amp", "channels_last")
+# Replaced in every trial (tune.epochs, tuning subsets) or speed knobs of the same objective: not part of
+# what a study measures, on top of config.RUNTIME_KEYS (which raising n_trials or adding workers touch).
+TRIAL_REPLACED = frozenset({"train.epochs", "train.amp", "train.channels_last"})
 
 
 class TuneError(RuntimeError):
@@ -71,18 +70,10 @@ class TuneError(RuntimeError):
 
 def study_name(settings: Settings, data_fingerprint: str) -> str:
     """``tune.study_name`` + a short hash of the search space, the data and what the objective depends on."""
-    from pipeline.train import FINGERPRINT_EXCLUDED
-
-    excluded_train = FINGERPRINT_EXCLUDED.union(_EXECUTION_ONLY_TRAIN_EXTRA)
-    resolved = settings.resolved()
-    identity = {
-        "seed": settings.seed,
-        "data": data_fingerprint,
-        "tune": {k: v for k, v in resolved["tune"].items() if k not in _EXECUTION_ONLY_TUNE},
-        "model": resolved["model"],
-        "augment": resolved["augment"],
-        "train": {k: v for k, v in resolved["train"].items() if k not in excluded_train},
-    }
+    identity = settings.run_identity(*RECIPE_SECTIONS, "tune")
+    identity["train"] = {key: value for key, value in identity["train"].items()
+                         if f"train.{key}" not in TRIAL_REPLACED}
+    identity["data"] = data_fingerprint
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return f"{settings.tune.study_name}-{digest[:HASH_CHARS]}"
 
@@ -107,16 +98,39 @@ def data_fingerprint(settings: Settings) -> str:
 def open_storage(settings: Settings) -> optuna.storages.BaseStorage:
     """The study storage: ``tune.storage`` (RDB URL, with heartbeats) or a journal file under ``paths.optuna``."""
     if settings.tune.storage:
-        return optuna.storages.RDBStorage(
-            settings.tune.storage,
-            heartbeat_interval=settings.tune.heartbeat_s,
-            # Trials of dead workers on any machine are failed once their heartbeat is this old.
-            grace_period=2 * settings.tune.heartbeat_s,
-        )
+        import sqlalchemy
+
+        try:
+            return optuna.storages.RDBStorage(
+                settings.tune.storage,
+                heartbeat_interval=settings.tune.heartbeat_s,
+                # Trials of dead workers on any machine are failed once their heartbeat is this old ...
+                grace_period=2 * settings.tune.heartbeat_s,
+                # ... and their MLflow runs ended FAILED too.
+                heartbeat_stale_trial_callback=functools.partial(_end_heartbeat_failed_trial_run, settings),
+            )
+        except ImportError as exc:
+            raise TuneError(f"no database driver for tune.storage = {storage_label(settings)} ({exc}): "
+                            "install the pinned lock (`make venv`)") from exc
+        except (sqlalchemy.exc.SQLAlchemyError, RuntimeError) as exc:
+            # RuntimeError: Optuna's schema check, e.g. a database whose alembic_version belongs to MLflow.
+            reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+            raise TuneError(
+                f"cannot open the Optuna storage tune.storage = {storage_label(settings)}: {reason}. Fix "
+                "tune.storage in params.yaml (a database of Optuna's own; the password may come from "
+                "PGPASSWORD instead of the URL)."
+            ) from exc
     folder = settings.path("optuna")
     folder.mkdir(parents=True, exist_ok=True)
     backend = optuna.storages.journal.JournalFileBackend(str(folder / JOURNAL_FILE))
     return optuna.storages.JournalStorage(backend)
+
+
+def _end_heartbeat_failed_trial_run(settings: Settings, study: optuna.Study, trial: FrozenTrial) -> None:
+    """Optuna failed ``trial`` because its worker (on any machine) stopped sending heartbeats."""
+    log.warning("trial %d of study %s had no heartbeat for %d s: marked FAILED", trial.number,
+                study.study_name, 2 * settings.tune.heartbeat_s)
+    fail_stale_trial_runs(settings, study.study_name, [trial.number])
 
 
 def storage_label(settings: Settings) -> str:
@@ -216,7 +230,7 @@ def parent_run_id(settings: Settings, study: optuna.Study, experiment_id: str) -
 
 @dataclass(frozen=True)
 class TuneData:
-    """The tuning subsets and the facts ``train.fit`` needs, loaded once per worker."""
+    """The tuning subsets and the facts ``loop.fit`` needs, loaded once per worker."""
 
     train: Any
     val: Any
@@ -236,7 +250,7 @@ def load_tune_data(settings: Settings) -> TuneData:
     if settings.tune.max_val_per_class:
         val = data.subset_per_class(val, settings.tune.max_val_per_class, settings.seed)
     stats = data.read_stats(settings)
-    classmap = data.load_classmap(settings.path("prepared") / data.CLASSMAP_NAME)
+    classmap = load_classmap(settings.path("prepared") / data.CLASSMAP_NAME)
     return TuneData(train, val, len(classmap), float(stats["pixel_mean"]), float(stats["pixel_std"]))
 
 
@@ -263,7 +277,7 @@ def trial_settings(settings: Settings, params: dict[str, Any]) -> Settings:
 
 
 class Objective:
-    """One trial: suggest, train through ``train.fit``, report each epoch, log a nested MLflow run."""
+    """One trial: suggest, train through ``loop.fit``, report each epoch, log a nested MLflow run."""
 
     def __init__(self, settings: Settings, tune_data: TuneData, parent_run_id: str | None) -> None:
         self.settings = settings
@@ -271,7 +285,7 @@ class Objective:
         self.parent_run_id = parent_run_id
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from pipeline import train
+        from pipeline.loop import fit  # torch loads in the worker that trains, not at import
 
         trial.set_user_attr(OWNER_ATTR, _owner())
         params = {key: suggest(trial, key, dim) for key, dim in self.settings.tune.search_space.items()}
@@ -295,7 +309,7 @@ class Objective:
         with tracking.start_run(self.settings, f"trial-{trial.number}", nested=True, tags=tags):
             mlflow.log_params(params)
             try:
-                train.fit(
+                fit(
                     run_settings,
                     self.data.train,
                     self.data.val,
@@ -305,7 +319,7 @@ class Objective:
                     callbacks=(report,),
                 )
                 if best == -math.inf:
-                    raise TuneError("train.fit reported no epoch: the trial has no value")
+                    raise TuneError("loop.fit reported no epoch: the trial has no value")
             except optuna.TrialPruned:
                 state = TrialState.PRUNED
             except BaseException as exc:
@@ -370,15 +384,26 @@ def optimize_worker(
     if finished_count(study) >= settings.tune.n_trials:
         return
     objective = Objective(settings, load_tune_data(settings), parent_run_id)
-    study.optimize(
-        objective,
-        n_trials=None,
-        timeout=settings.tune.timeout_s,
-        # Total over the whole study (all runs, all workers): a resumed study stops at the same total.
-        callbacks=[optuna.study.MaxTrialsCallback(settings.tune.n_trials, states=FINISHED)],
-        catch=(Exception,),  # a failed trial (e.g. out of memory) is recorded FAILED and the study goes on
-        gc_after_trial=True,
-    )
+    # A bar over the study's finished trials (all workers'), drawn by one worker only and only on a
+    # terminal: CI logs and the other workers stay quiet.
+    bar = tqdm(total=settings.tune.n_trials, initial=finished_count(study), desc="tuning trials", unit="trial",
+               disable=worker_index != 0 or not sys.stderr.isatty())
+
+    def advance(study: optuna.Study, _trial: FrozenTrial) -> None:
+        bar.update(finished_count(study) - bar.n)
+
+    try:
+        study.optimize(
+            objective,
+            n_trials=None,
+            timeout=settings.tune.timeout_s,
+            # Total over the whole study (all runs, all workers): a resumed study stops at the same total.
+            callbacks=[optuna.study.MaxTrialsCallback(settings.tune.n_trials, states=FINISHED), advance],
+            catch=(Exception,),  # a failed trial (e.g. out of memory) is recorded FAILED and the study goes on
+            gc_after_trial=True,
+        )
+    finally:
+        bar.close()
 
 
 def _worker_entry(settings: Settings, name: str, parent_run_id: str | None, index: int, threads: int) -> None:
@@ -538,27 +563,6 @@ def run(settings: Settings, workers: int | None = None) -> dict[str, Any]:
     else:
         log.warning("no trial of study %s completed: best params are empty (train uses params.yaml)", name)
     return summary
-
-
-def apply_best_params(settings: Settings) -> Settings:
-    """``settings`` with ``models/best_params.yaml`` (if present and non-empty) overlaid."""
-    path = settings.path("models") / BEST_PARAMS_FILE
-    if not path.is_file():
-        return settings
-    try:
-        params = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise TuneError(f"{path}: not valid YAML ({exc}); delete it or re-run the tune stage") from None
-    if not params:
-        return settings
-    if not isinstance(params, dict):
-        raise TuneError(f"{path}: expected a mapping of dotted setting -> value; re-run the tune stage")
-    try:
-        tuned = settings.with_overrides(params)
-    except ConfigError as exc:
-        raise TuneError(f"{path} does not fit params.yaml: {exc}\nre-run the tune stage") from None
-    log.info("applied tuned parameters from %s: %s", path, params)
-    return tuned
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -7,10 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from pipeline.config import Settings, load_settings
-from tests.support import PROJECT_ROOT
+from pipeline.config import Settings, load_settings, write_params
 
 
 @pytest.fixture
@@ -26,16 +24,14 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture
 def make_settings(tmp_path: Path) -> Callable[..., Settings]:
-    """Settings rooted in a temp dir: the project's params.yaml with a profile and dotted overrides.
+    """Settings rooted in a temp dir: conf/ composed with a profile, then dotted overrides.
 
     Every output path (data, models, reports, mlflow, optuna) then lands under ``tmp_path``.
     """
 
     def _make(overrides: dict[str, Any] | None = None, profile: str = "quick") -> Settings:
-        params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
-        params["profile"] = profile
-        path = tmp_path / "params.yaml"
-        path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
-        return load_settings(path, overrides)
+        path = write_params(tmp_path / "params.yaml", {"profile": profile})
+        settings = load_settings(path)
+        return settings.with_overrides(overrides) if overrides else settings
 
     return _make

@@ -11,14 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.contract import GLYPH_SIDE
-from pipeline.data import (
+from pipeline.contract import (
+    GLYPH_SIDE,
     NPZ_KEY,
-    OFFICIAL_CLASSMAPS,
     ClassMap,
-    md5_of,
     official_file_names,
     write_classmap,
+)
+from pipeline.data import (
+    OFFICIAL_CLASSMAPS,
+    md5_of,
     write_npz,
 )
 

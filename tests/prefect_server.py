@@ -19,6 +19,7 @@ import httpx
 import pytest
 import yaml
 
+from pipeline.config import CONF_DIR, CONF_NAME, compose
 from tests.support import PROJECT_ROOT, background_process, free_port
 
 VENV_BIN = Path(sys.executable).parent
@@ -28,33 +29,34 @@ SERVER_START_TIMEOUT_S = 300.0
 # images per class, 1 training epoch, a tuning study of 3 trials x 2 epochs on 5 images per class.
 # Low learning rates and no EMA so trials differ after a few batches (the pruning test needs that).
 TINY: dict[str, Any] = {
-    "profile": "quick",
     "data.dataset": "synthetic",
     "data.synthetic.train_per_class": 20,
     "data.synthetic.test_per_class": 5,
-    "profiles.quick.train.epochs": 1,
-    "profiles.quick.train.batch_size": 16,
-    "profiles.quick.train.lr": 0.01,
-    "profiles.quick.train.ema_decay": 0.0,
-    "profiles.quick.train.max_train_per_class": 5,
-    "profiles.quick.train.max_val_per_class": 2,
-    "profiles.quick.tune.n_trials": 3,
-    "profiles.quick.tune.epochs": 2,
-    "profiles.quick.tune.max_train_per_class": 5,
-    "profiles.quick.tune.max_val_per_class": 2,
-    "profiles.quick.tune.pruner_startup_trials": 1,
-    "profiles.quick.tune.pruner_warmup_epochs": 0,
+    "train.epochs": 1,
+    "train.batch_size": 16,
+    "train.lr": 0.01,
+    "train.ema_decay": 0.0,
+    "train.max_train_per_class": 5,
+    "train.max_val_per_class": 2,
+    "tune.n_trials": 3,
+    "tune.epochs": 2,
+    "tune.max_train_per_class": 5,
+    "tune.max_val_per_class": 2,
+    "tune.pruner_startup_trials": 1,
+    "tune.pruner_warmup_epochs": 0,
     "tune.search_space": {
         "train.lr": {"type": "float", "low": 0.002, "high": 0.05, "log": True},
         "train.batch_size": {"type": "categorical", "choices": [16]},
         "model.dropout": {"type": "float", "low": 0.1, "high": 0.5},
     },
 }
+TINY_PROFILE = "quick"
 
 
 def tiny_params(changes: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The project's params.yaml with :data:`TINY` and ``changes`` (dotted keys into the raw YAML)."""
-    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
+    """The project's conf/ composed with the quick profile, then :data:`TINY` and ``changes`` (dotted keys,
+    each replacing the value it names)."""
+    raw = compose({"profile": TINY_PROFILE})
     for dotted, value in {**TINY, **(changes or {})}.items():
         node = raw
         *parents, leaf = dotted.split(".")
@@ -70,6 +72,19 @@ def write_tiny_params(folder: Path, changes: dict[str, Any] | None = None) -> Pa
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(tiny_params(changes), sort_keys=False), encoding="utf-8")
     return path
+
+
+def write_tiny_conf(project: Path, changes: dict[str, Any] | None = None) -> None:
+    """Make the tiny values the copy's conf/ defaults (profile quick), so `dvc exp run -S ...` in the copy
+    composes tiny params too, and write them to its params.yaml."""
+    values = tiny_params(changes)
+    conf = project / CONF_DIR
+    (conf / f"{CONF_NAME}.yaml").write_text(
+        yaml.safe_dump({"defaults": ["_self_", {"profile": TINY_PROFILE}], **values}, sort_keys=False),
+        encoding="utf-8")
+    for profile in (conf / "profile").glob("*.yaml"):  # every profile keeps only its name
+        profile.write_text(f"# @package _global_\nprofile: {profile.stem}\n", encoding="utf-8")
+    (project / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
 
 
 def client_env(api_url: str, home: Path, **extra: str) -> dict[str, str]:
@@ -138,7 +153,7 @@ def copy_project(dest: Path, changes: dict[str, Any] | None = None) -> Path:
             target = dest / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(source.read_bytes())
-    (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params(changes), sort_keys=False), encoding="utf-8")
+    write_tiny_conf(dest, changes)
     git = ["git", "-C", str(dest)]
     subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
     # DVC experiments commit refs: give the throw-away repository an identity of its own.

@@ -1,4 +1,5 @@
-"""params.yaml is the single source of settings: it loads, overlays profiles and rejects bad keys early."""
+"""conf/ holds each knob's one default; params.yaml is their composition for a run (defaults < profile <
+command line, as `dvc exp run -S` composes it); bad keys and values are named before anything runs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import config
 from pipeline.config import PARAMS_ENV, ConfigError, load_settings
 from tests.support import PROJECT_ROOT
 
@@ -26,18 +28,61 @@ def test_project_params_load_with_full_profile_by_default():
     assert settings.path("raw") == PROJECT_ROOT / "data" / "raw"
 
 
-def test_every_profile_validates():
-    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
-    for name in params["profiles"]:
-        assert load_settings(PROJECT_ROOT / "params.yaml", {"profile": name}).profile == name
+PROFILES = sorted(path.stem for path in (PROJECT_ROOT / "conf" / "profile").glob("*.yaml"))
 
 
-def test_profile_overlays_only_named_keys(tmp_path):
-    settings = load_settings(_write(tmp_path, lambda p: p.update(profile="quick")))
-    assert settings.train.epochs == 5  # from the quick overlay
-    assert settings.train.optimizer == "sgd"  # untouched base value
+def test_params_yaml_is_conf_composed_with_the_defaults():
+    """The committed params.yaml is what `dvc exp run` would write with no -S: one default per knob."""
+    assert config.main(["--check"]) == 0
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_composes_validates_and_names_itself(profile):
+    assert load_settings(PROJECT_ROOT / "params.yaml", {"profile": profile}).profile == profile
+
+
+def test_defaults_then_profile_then_command_line(tmp_path):
+    full = load_settings(PROJECT_ROOT / "params.yaml")
+    quick = load_settings(PROJECT_ROOT / "params.yaml", {"profile": "quick"})
+    assert (full.train.epochs, quick.train.epochs) == (60, 5)  # the profile wins over the default
+    assert quick.train.optimizer == full.train.optimizer == "sgd"  # keys a profile leaves alone
+    pinned = load_settings(PROJECT_ROOT / "params.yaml", {"profile": "quick", "train.epochs": 2})
+    assert pinned.train.epochs == 2  # the command line wins over the profile ...
+    assert pinned.train.lr == quick.train.lr  # ... and changes nothing else
+    also = load_settings(PROJECT_ROOT / "params.yaml", {"train.epochs": 2, "profile": "quick"})
+    assert also.train.epochs == 2  # whatever the order
+
+
+def test_composed_params_file_is_what_loads(tmp_path):
+    path = config.write_params(tmp_path / "params.yaml", {"profile": "quick", "data.dataset": "synthetic"})
+    settings = load_settings(path)
+    assert (settings.profile, settings.data.dataset, settings.train.epochs) == ("quick", "synthetic", 5)
     assert settings.root == tmp_path
     assert settings.path("models") == tmp_path / "models"
+
+
+def test_command_line_values_are_known_as_explicit(tmp_path):
+    path = config.write_params(tmp_path / "params.yaml", ["profile=quick", "train.lr=0.07"])
+    settings = load_settings(path)
+    assert config.explicit_keys(settings, ["train.lr", "train.epochs", "model.dropout"]) == {"train.lr"}
+
+
+def test_unknown_profile_is_refused():
+    with pytest.raises(ConfigError, match="huge"):
+        load_settings(PROJECT_ROOT / "params.yaml", {"profile": "huge"})
+
+
+def test_a_typo_on_the_command_line_is_named():
+    with pytest.raises(ConfigError, match=r"train\.epochz: unknown key \(did you mean 'epochs'\?\)"):
+        load_settings(PROJECT_ROOT / "params.yaml", {"profile": "quick", "train.epochz": 3})
+
+
+def test_dvc_stages_depend_on_the_recipe_sections_they_read():
+    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    for stage in ("tune", "train"):
+        params = set(stages[stage]["params"])
+        assert set(config.RECIPE_SECTIONS) <= params, stage
+    assert "tune" in stages["tune"]["params"]
 
 
 def test_unknown_key_is_named_with_a_suggestion(tmp_path):
@@ -55,18 +100,6 @@ def test_invalid_value_is_named(tmp_path):
 def test_local_dataset_requires_a_folder(tmp_path):
     path = _write(tmp_path, lambda p: p["data"].update(dataset="local", local_dir=None))
     with pytest.raises(ConfigError, match="local_dir is not set"):
-        load_settings(path)
-
-
-def test_unknown_profile_lists_the_known_ones(tmp_path):
-    path = _write(tmp_path, lambda p: p.update(profile="huge"))
-    with pytest.raises(ConfigError, match="profile 'huge' is not defined.*full, quick"):
-        load_settings(path)
-
-
-def test_profile_may_not_overlay_data(tmp_path):
-    path = _write(tmp_path, lambda p: p["profiles"]["quick"].update(data={"val_fraction": 0.2}))
-    with pytest.raises(ConfigError, match=r"profiles\.full\.data|profiles\.\w+\.data"):
         load_settings(path)
 
 
@@ -102,14 +135,3 @@ def test_missing_or_malformed_file_is_explained(tmp_path):
     bad.write_text("train: [unclosed", encoding="utf-8")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_settings(bad)
-
-
-def test_a_typo_in_an_unselected_profile_fails_at_start(tmp_path):
-    path = _write(tmp_path, lambda p: p["profiles"]["quick"]["train"].update(epochz=3))
-    with pytest.raises(ConfigError, match=r"profile 'quick'.*\n.*train\.epochz: unknown key"):
-        load_settings(path)  # the selected profile is 'full'
-
-
-def test_explicit_overrides_win_over_the_profile(tmp_path):
-    settings = load_settings(_write(tmp_path, lambda p: p.update(profile="quick")), {"train.epochs": 2})
-    assert settings.train.epochs == 2

@@ -59,10 +59,11 @@ def _run_script(args: list[str], env: dict[str, str], timeout_s: float) -> subpr
 @pytest.fixture
 def model_store(make_settings, tmp_path: Path) -> tuple[Path, str]:
     """A BentoML store (temp dir) holding a SpinalVGG trained briefly on rendered K49 characters."""
-    from pipeline.data import OFFICIAL_CLASSMAPS, LabeledImages, write_classmap
+    from pipeline.contract import write_classmap
+    from pipeline.data import OFFICIAL_CLASSMAPS, LabeledImages
     from pipeline.export import export_onnx
     from pipeline.synthetic import render_glyph
-    from pipeline.train import fit
+    from pipeline.loop import fit
 
     settings = make_settings({"train.epochs": EPOCHS, "train.device": "cpu"})
     classmap = OFFICIAL_CLASSMAPS["k49"]

@@ -46,7 +46,7 @@ def _wait_for(api_url: str, flow_run_id: str, worker_log: Path) -> dict:
 
 def test_deployed_pipeline_runs_on_a_process_worker(prefect_api: str, tmp_path: Path) -> None:
     # No tuning trials here (test_tune.py covers the study): the tune stage writes empty best params.
-    project = copy_project(tmp_path / "project", {"profiles.quick.tune.n_trials": 0})
+    project = copy_project(tmp_path / "project", {"tune.n_trials": 0})
     env = client_env(prefect_api, tmp_path / "prefect-home", BENTOML_HOME=str(tmp_path / "bentoml"))
     env.pop("KUZUSHIJI_PARAMS", None)
 

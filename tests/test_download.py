@@ -16,19 +16,20 @@ from typing import Self
 
 import pytest
 
-from pipeline import data
+from pipeline import data, download
 from pipeline.config import DownloadSettings
+from pipeline.contract import (
+    DataError,
+)
 from pipeline.data import (
     MANIFEST_NAME,
     OFFICIAL_FILES,
-    DataError,
     FileFact,
-    download_files,
-    fetch_raw,
     load_official,
     md5_of,
     read_manifest,
 )
+from pipeline.download import download_files
 from tests.official_files import checksums, write_official_folder
 from tests.support import PROJECT_ROOT, free_port
 
@@ -190,7 +191,7 @@ def test_transfer_killed_midway_leaves_nothing_a_rerun_accepts(tmp_path, officia
     server.plans[name] = ["trickle"]
     script = (
         "import sys; from pathlib import Path; from pipeline.config import DownloadSettings; "
-        "from pipeline.data import download_files; "
+        "from pipeline.download import download_files; "
         f"download_files({server.url!r}, Path({str(dest)!r}), {expected!r}, "
         "DownloadSettings(timeout_s=60, retries=0, backoff_s=0))"
     )
@@ -247,7 +248,7 @@ def test_fetch_raw_checks_the_official_sizes_and_md5s(make_settings, server):
         {"data.dataset": "kmnist", "data.base_url": server.url, "data.download.retries": 1}
     )
     with pytest.raises(DataError) as caught:
-        fetch_raw(settings)
+        download.run(settings)
     message = str(caught.value)
     assert "kmnist-train-imgs.npz" in message and server.url in message and "expected 18384171" in message
     raw = settings.path("raw")
@@ -268,7 +269,7 @@ def test_fetch_raw_reuses_the_download_cache_after_raw_is_deleted(
 ):
     settings = make_settings({"data.dataset": "kmnist", "data.base_url": server.url})
     names = sorted(path.name for path in official.values())
-    raw = fetch_raw(settings)
+    raw = download.run(settings)
     cache = settings.path("downloads") / "kmnist"
     assert sorted(server.requests) == names
     assert _leftovers(cache) == names and _leftovers(raw) == sorted([*names, MANIFEST_NAME])
@@ -278,19 +279,19 @@ def test_fetch_raw_reuses_the_download_cache_after_raw_is_deleted(
     manifest = read_manifest(settings)
 
     shutil.rmtree(raw)  # what `dvc repro` does to a stage's outs before running it again
-    fetch_raw(settings)
+    download.run(settings)
     assert len(server.requests) == len(names)  # nothing downloaded again
     assert read_manifest(settings) == manifest
 
     # The cache is keyed by the official MD5s, not the URL: another mirror (here: nothing listening) shares it.
     shutil.rmtree(raw)
-    fetch_raw(settings.with_overrides({"data.base_url": f"http://127.0.0.1:{free_port()}/other/"}))
+    download.run(settings.with_overrides({"data.base_url": f"http://127.0.0.1:{free_port()}/other/"}))
     assert len(server.requests) == len(names)
 
     damaged = cache / official["train_labels"].name
     damaged.write_bytes(b"bit rot")  # in place: a hard-linked raw copy changes with it
     shutil.rmtree(raw)
-    fetch_raw(settings)
+    download.run(settings)
     assert server.requests[len(names) :] == [damaged.name]  # only the damaged file is fetched again
     assert damaged.read_bytes() == (raw / damaged.name).read_bytes() == official["train_labels"].read_bytes()
     assert read_manifest(settings) == manifest
@@ -304,7 +305,7 @@ def test_fetch_raw_copies_when_hard_links_are_impossible(
 
     monkeypatch.setattr(data.os, "link", no_links)
     settings = make_settings({"data.dataset": "kmnist", "data.base_url": server.url})
-    raw = fetch_raw(settings)
+    raw = download.run(settings)
     cache = settings.path("downloads") / "kmnist"
     for source in official.values():
         assert (raw / source.name).read_bytes() == source.read_bytes()

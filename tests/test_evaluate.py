@@ -15,7 +15,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from pipeline import evaluate, tracking
 from pipeline.config import Settings
-from pipeline.contract import TRAIN_RUN_FILE, DataError, TrainRun
+from pipeline.contract import BUNDLE_FILE, TRAIN_RUN_FILE, DataError, TrainRun
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CHARS = ["あ", "い", "う", "え", "お"]
@@ -113,7 +113,7 @@ def test_evaluate_stage_end_to_end(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Synthetic test split + an (untrained) saved bundle + a real MLflow run: every output is written."""
-    from pipeline import data, train
+    from pipeline import data, download, loop
     from pipeline.model import SpinalVGG
 
     monkeypatch.delenv(tracking.TRACKING_URI_ENV, raising=False)
@@ -121,12 +121,12 @@ def test_evaluate_stage_end_to_end(
         "data.dataset": "synthetic", "data.synthetic.train_per_class": 1, "data.synthetic.test_per_class": 2,
         "evaluate.tta": True, "evaluate.worst_examples": 10, "train.device": "cpu",
     })
-    data.fetch_raw(settings)
+    download.run(settings)
     classmap = data.load_classmap(settings.path("raw") / "k49_classmap.csv")
     torch.manual_seed(0)
     model = SpinalVGG(len(classmap), spinal_width=8, dropout=0.5, pixel_mean=0.2, pixel_std=0.3)
     models = settings.path("models")
-    train.save_bundle(models / train.BUNDLE_FILE, model, {"classes": list(classmap.chars)})
+    loop.save_bundle(models / BUNDLE_FILE, model, {"classes": list(classmap.chars)})
     with tracking.start_run(settings, "train") as active:
         pass
     (models / TRAIN_RUN_FILE).write_text(json.dumps({"run_id": active.info.run_id}), encoding="utf-8")

@@ -9,21 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data import (
-    MANIFEST_NAME,
+from pipeline import download, prepare
+from pipeline.contract import (
     NPZ_KEY,
-    OFFICIAL_CLASSMAPS,
-    OFFICIAL_FILES,
     ClassMap,
     DataError,
-    fetch_raw,
     load_classmap,
+    write_classmap,
+)
+from pipeline.data import (
+    MANIFEST_NAME,
+    OFFICIAL_CLASSMAPS,
+    OFFICIAL_FILES,
     load_prepared,
     load_test,
     md5_of,
-    prepare,
     read_manifest,
-    write_classmap,
     write_npz,
 )
 from tests.official_files import write_official_folder
@@ -175,7 +176,7 @@ def test_each_malformed_folder_has_its_own_clear_error(make_settings, folder, br
     breaker(folder)
     settings = _local_settings(make_settings, folder)
     with pytest.raises(DataError) as caught:
-        fetch_raw(settings)
+        download.run(settings)
     assert expected in str(caught.value)
     raw = settings.path("raw")
     assert not raw.exists() or not any(raw.iterdir())  # validated before anything is copied
@@ -187,17 +188,17 @@ def test_the_messages_are_distinct():
 
 def test_a_bad_folder_does_not_touch_earlier_raw_files(make_settings, folder):
     settings = _local_settings(make_settings, folder)
-    raw = fetch_raw(settings)
+    raw = download.run(settings)
     before = {path.name: path.read_bytes() for path in raw.iterdir()}
     _rewrite(folder["train_images"], lambda a: a.astype(np.float32))
     with pytest.raises(DataError):
-        fetch_raw(settings)
+        download.run(settings)
     assert {path.name: path.read_bytes() for path in raw.iterdir()} == before
 
 
 def test_valid_ten_class_folder_works_end_to_end(make_settings, folder):
     settings = _local_settings(make_settings, folder)
-    raw = fetch_raw(settings)
+    raw = download.run(settings)
     manifest = read_manifest(settings)
     assert manifest["dataset"] == "local" and manifest["prefix"] == "kmnist"
     assert manifest["source"] == str(folder["classmap"].parent.resolve())
@@ -206,7 +207,7 @@ def test_valid_ten_class_folder_works_end_to_end(make_settings, folder):
         assert (raw / path.name).read_bytes() == path.read_bytes()
         assert manifest["files"][path.name] == {"md5": md5_of(path), "bytes": path.stat().st_size}
 
-    summary = prepare(settings)
+    summary = prepare.run(settings)
     assert summary["n_classes"] == 10 and summary["n_train"] + summary["n_val"] == 120
     assert summary["n_test"] == 40
     train, val, test = load_prepared(settings, "train"), load_prepared(settings, "val"), load_test(settings)
@@ -220,34 +221,34 @@ def test_any_number_of_classes_and_any_prefix(make_settings, tmp_path):
     classmap = ClassMap.from_chars("日月火")
     folder = write_official_folder(tmp_path / "three", prefix="mine", classmap=classmap, train_per_class=10)
     settings = _local_settings(make_settings, folder, prefix="mine")
-    fetch_raw(settings)
-    summary = prepare(settings)
+    download.run(settings)
+    summary = prepare.run(settings)
     assert summary["n_classes"] == 3
     assert load_classmap(settings.path("raw") / "mine_classmap.csv") == classmap
 
 
 def test_raw_files_changed_after_the_download_stage_are_refused(make_settings, folder):
     settings = _local_settings(make_settings, folder)
-    raw = fetch_raw(settings)
+    raw = download.run(settings)
     (raw / folder["test_labels"].name).write_bytes(folder["test_labels"].read_bytes()[:-1])
     with pytest.raises(DataError, match="kmnist-test-labels.npz is missing or changed since the download"):
         load_test(settings)  # evaluation's reader checks the test files
     (raw / folder["train_labels"].name).write_bytes(folder["train_labels"].read_bytes()[:-1])
     with pytest.raises(DataError, match="kmnist-train-labels.npz is missing or changed since the download"):
-        prepare(settings)
+        prepare.run(settings)
 
 
 def test_prefix_null_detects_the_one_class_map(make_settings, folder):
     """`dvc exp run -S data.dataset=local -S data.local_dir=DIR` on a folder of official KMNIST files."""
     settings = make_settings({"data.dataset": "local", "data.local_dir": str(folder["classmap"].parent)})
     assert settings.data.local_prefix is None  # the params.yaml default
-    raw = fetch_raw(settings)
+    raw = download.run(settings)
     manifest = read_manifest(settings)
     assert manifest["prefix"] == "kmnist" and manifest["n_classes"] == 10
     assert sorted(manifest["files"]) == sorted(path.name for path in folder.values())
     for path in folder.values():
         assert (raw / path.name).read_bytes() == path.read_bytes()
-    assert prepare(settings)["n_classes"] == 10
+    assert prepare.run(settings)["n_classes"] == 10
 
 
 def test_prefix_null_needs_exactly_one_class_map(make_settings, folder):
@@ -255,21 +256,21 @@ def test_prefix_null_needs_exactly_one_class_map(make_settings, folder):
     write_official_folder(folder["classmap"].parent, prefix="k49", classmap=ClassMap.from_chars("日月火"))
     several = r"several class maps \(k49_classmap.csv, kmnist_classmap.csv\)"
     with pytest.raises(DataError, match=several) as caught:
-        fetch_raw(settings)
+        download.run(settings)
     assert "set data.local_prefix" in str(caught.value)
-    fetch_raw(settings.with_overrides({"data.local_prefix": "k49"}))  # an explicit prefix picks one
+    download.run(settings.with_overrides({"data.local_prefix": "k49"}))  # an explicit prefix picks one
     assert read_manifest(settings)["n_classes"] == 3
 
     for path in folder["classmap"].parent.glob("*_classmap.csv"):
         path.unlink()
     with pytest.raises(DataError, match=r"no \*_classmap.csv class map.*set data.local_prefix"):
-        fetch_raw(settings)
+        download.run(settings)
 
 
 def test_a_missing_folder_is_named(make_settings, tmp_path):
     settings = make_settings({"data.dataset": "local", "data.local_dir": str(tmp_path / "nowhere")})
     with pytest.raises(DataError, match="nowhere: no such folder"):
-        fetch_raw(settings)
+        download.run(settings)
 
 
 def test_official_downloads_in_raw_are_never_overwritten(make_settings, tmp_path):
@@ -282,9 +283,9 @@ def test_official_downloads_in_raw_are_never_overwritten(make_settings, tmp_path
     assert md5_of(official_map) == OFFICIAL_FILES["kmnist"]["kmnist_classmap.csv"].md5
     write_official_folder(tmp_path / "other", prefix="kmnist", classmap=ClassMap.from_chars("0123456789"))
     with pytest.raises(DataError, match=r"holds official downloaded files \(kmnist_classmap.csv\)"):
-        fetch_raw(settings)
+        download.run(settings)
     assert md5_of(official_map) == OFFICIAL_FILES["kmnist"]["kmnist_classmap.csv"].md5
     assert sorted(path.name for path in official_map.parent.iterdir()) == ["kmnist_classmap.csv"]
 
     write_official_folder(tmp_path / "same", prefix="kmnist")  # the official class map itself: fine
-    fetch_raw(settings.with_overrides({"data.local_dir": str(tmp_path / "same")}))
+    download.run(settings.with_overrides({"data.local_dir": str(tmp_path / "same")}))

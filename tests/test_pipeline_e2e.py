@@ -1,64 +1,87 @@
-"""`dvc repro` of the whole pipeline in a temporary copy of the repository, on tiny synthetic params:
-every stage runs as a Prefect flow run, a model version is registered, metrics are written, and a second
-`dvc repro` has nothing to do."""
+"""`make run DATASET=synthetic` in a temporary copy of the repository, on tiny synthetic params, exactly as a
+newcomer runs it: one Prefect server is started for the run (no temporary server per stage) and every stage
+is a flow run on it, a model version is registered, the run ends with a short summary, and a second
+`make run` reuses the server and has nothing to do. The server is stopped with `make prefect-stop`."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
-import uuid
 from pathlib import Path
 
+import httpx
 import mlflow
 import pytest
 
-from tests.prefect_server import client_env, copy_project, flow_runs, prefect_api  # noqa: F401
+from tests.prefect_server import VENV_BIN, client_env, copy_project, flow_runs
+from tests.support import free_port
 
 pytestmark = pytest.mark.slow
-REPRO_TIMEOUT_S = 1800
+RUN_TIMEOUT_S = 1800
 STAGES = ["download", "prepare", "tune", "train", "evaluate", "register", "package"]
 # The tuning study is exercised in test_tune.py; here one short trial is enough.
-E2E_CHANGES = {"profiles.quick.tune.n_trials": 1, "profiles.quick.tune.epochs": 1}
+E2E_CHANGES = {"tune.n_trials": 1, "tune.epochs": 1}
+TEMPORARY_SERVER = "Starting temporary server"  # what Prefect logs each time it starts an ephemeral server
+VENV = VENV_BIN.parent
 
 
-def _dvc(args: list[str], project: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True,
-                          text=True, timeout=REPRO_TIMEOUT_S)
+def _make(target: str, project: Path, env: dict[str, str], *variables: str) -> subprocess.CompletedProcess:
+    # `-o` the venv stamp: the copy uses this checkout's venv (a symlink) as installed, never reinstalls.
+    return subprocess.run(["make", "-o", ".venv/.installed-stamp", target, *variables], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
 
 
-def test_dvc_repro_runs_every_stage_then_nothing(prefect_api: str, tmp_path: Path) -> None:
+def test_make_run_uses_one_prefect_server_and_ends_with_a_summary(tmp_path: Path) -> None:
     project = copy_project(tmp_path / "project", E2E_CHANGES)
-    group = f"e2e-{uuid.uuid4().hex[:8]}"  # tags this test's stage runs on the shared server
-    env = client_env(prefect_api, tmp_path / "prefect-home", BENTOML_HOME=str(tmp_path / "bentoml"),
-                     KUZUSHIJI_PIPELINE_FLOW_RUN=group)
-    env.pop("KUZUSHIJI_PARAMS", None)
+    (project / ".venv").symlink_to(VENV, target_is_directory=True)
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = client_env("", tmp_path / "prefect-home", BENTOML_HOME=str(tmp_path / "bentoml"))
+    for name in ("PREFECT_API_URL", "KUZUSHIJI_PARAMS", "KUZUSHIJI_PIPELINE_FLOW_RUN"):
+        env.pop(name, None)  # as on a newcomer's machine: no Prefect server configured
+    variables = ("DATASET=synthetic", f"PREFECT_PORT={port}")
+    try:
+        first = _make("run", project, env, *variables)
+        output = first.stdout + first.stderr
+        assert first.returncode == 0, output[-6000:]
+        assert "profile quick (DATASET=synthetic" in output
+        for stage in STAGES:
+            assert f"Running stage '{stage}'" in output
+        # One server for the whole run, started once; no stage started a temporary one of its own.
+        assert output.count("Prefect: started a server") == 1
+        assert output.count(TEMPORARY_SERVER) == 0
+        runs = flow_runs(api, "stage")
+        assert sorted(run["name"] for run in runs) == sorted(STAGES)
+        assert {run["state_type"] for run in runs} == {"COMPLETED"}
 
-    first = _dvc(["repro"], project, env)
-    assert first.returncode == 0, first.stdout[-5000:] + first.stderr[-5000:]
-    for stage in STAGES:
-        assert f"Running stage '{stage}'" in first.stdout
+        metrics = json.loads((project / "reports" / "eval" / "metrics.json").read_text())
+        assert 0.0 <= metrics["test_balanced_accuracy"] <= 1.0
+        registry = json.loads((project / "reports" / "registry.json").read_text())
+        store = f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"
+        client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)  # not this process's global URIs
+        version = client.get_model_version(registry["model_name"], str(registry["version"]))
+        train_run = json.loads((project / "models" / "train_run.json").read_text())
+        assert version.run_id == train_run["run_id"]
+        assert json.loads((project / "reports" / "bento_model.json").read_text())["tag"]
 
-    # Every stage was a completed Prefect flow run.
-    runs = flow_runs(prefect_api, "stage", tags={"all_": ["dvc", f"pipeline-run:{group}"]})
-    assert sorted(run["name"] for run in runs) == sorted(STAGES)
-    assert {run["state_type"] for run in runs} == {"COMPLETED"}
+        # The run ends with the few lines a newcomer needs, not the all-columns metrics table.
+        tail = first.stdout[first.stdout.index("Run summary"):]
+        assert "dataset                 synthetic" in tail and "profile                 quick" in tail
+        assert f"test balanced accuracy  {metrics['test_balanced_accuracy']:.4f}" in tail
+        assert f"{registry['model_name']} version {registry['version']}, alias {registry['alias']}" in tail
+        assert "make serve" in tail and "make mlflow-ui" in tail
+        assert f"make prefect-ui  -> http://127.0.0.1:{port}" in tail
+        assert len(tail.splitlines()) <= 12
 
-    metrics = json.loads((project / "reports" / "eval" / "metrics.json").read_text())
-    assert 0.0 <= metrics["test_balanced_accuracy"] <= 1.0
-    registry = json.loads((project / "reports" / "registry.json").read_text())
-    store = f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"
-    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)  # not this process's global URIs
-    version = client.get_model_version(registry["model_name"], str(registry["version"]))
-    train_run = json.loads((project / "models" / "train_run.json").read_text())
-    assert version.run_id == train_run["run_id"]
-    assert json.loads((project / "reports" / "bento_model.json").read_text())["tag"]
-    shown = _dvc(["metrics", "show", "--json"], project, env)
-    assert shown.returncode == 0 and "balanced_accuracy" in shown.stdout
+        second = _make("run", project, env, *variables)
+        output = second.stdout + second.stderr
+        assert second.returncode == 0, output[-3000:]
+        assert "Prefect: using the server already running" in output
+        assert "Running stage" not in output and TEMPORARY_SERVER not in output
+        assert len(flow_runs(api, "stage")) == len(STAGES)  # nothing re-ran
+    finally:
+        stopped = _make("prefect-stop", project, env, f"PREFECT_PORT={port}")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{api}/health", timeout=5)
 
-    second = _dvc(["repro"], project, env)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "Running stage" not in second.stdout
-    assert "up to date" in second.stdout
-    rerun = flow_runs(prefect_api, "stage", tags={"all_": ["dvc", f"pipeline-run:{group}"]})
-    assert len(rerun) == len(STAGES)  # nothing re-ran

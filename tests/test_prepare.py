@@ -11,24 +11,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import (
-    IMAGE_SIDE,
+from pipeline import download, prepare
+from pipeline.contract import (
+    GLYPH_SIDE,
     NPZ_KEY,
-    OFFICIAL_FILES,
     ClassMap,
     DataError,
+    official_file_names,
+    write_classmap,
+)
+from pipeline.data import (
+    OFFICIAL_FILES,
     LabeledImages,
-    fetch_raw,
     load_official,
     load_prepared,
     load_test,
     md5_of,
-    official_file_names,
-    prepare,
     read_manifest,
     read_stats,
     subset_per_class,
-    write_classmap,
     write_npz,
 )
 from tests.official_files import class_images
@@ -47,7 +48,7 @@ def synthetic_settings(make_settings):
             "data.val_fraction": 0.1,
         }
     )
-    fetch_raw(settings)
+    download.run(settings)
     return settings
 
 
@@ -65,7 +66,7 @@ def _imbalanced_settings(make_settings, tmp_path: Path, **overrides):
     settings = make_settings(
         {"data.dataset": "local", "data.local_dir": str(folder), "data.local_prefix": "imb", **overrides}
     )
-    fetch_raw(settings)
+    download.run(settings)
     return settings
 
 
@@ -75,14 +76,14 @@ def _rows(images: np.ndarray) -> Counter:
 
 def test_outputs_are_written_with_the_documented_keys(synthetic_settings):
     settings = synthetic_settings
-    summary = prepare(settings)
+    summary = prepare.run(settings)
     prepared, reports = settings.path("prepared"), settings.path("reports")
 
     for split in ("train", "val"):
         with np.load(prepared / f"{split}.npz", allow_pickle=False) as archive:
             assert sorted(archive.files) == ["images", "labels"]
             images, labels = archive["images"], archive["labels"]
-        assert images.dtype == np.uint8 and images.shape[1:] == (IMAGE_SIDE, IMAGE_SIDE)
+        assert images.dtype == np.uint8 and images.shape[1:] == (GLYPH_SIDE, GLYPH_SIDE)
         assert labels.dtype == np.int64 and labels.shape == (len(images),)
     train = load_prepared(settings, "train")
     assert md5_of(prepared / "classmap.csv") == OFFICIAL_FILES["k49"]["k49_classmap.csv"].md5
@@ -114,7 +115,7 @@ def test_outputs_are_written_with_the_documented_keys(synthetic_settings):
 
 def test_split_is_stratified_on_imbalanced_classes(make_settings, tmp_path):
     settings = _imbalanced_settings(make_settings, tmp_path, **{"data.val_fraction": 0.25})
-    summary = prepare(settings)
+    summary = prepare.run(settings)
     val = load_prepared(settings, "val")
     for label, total in enumerate(IMBALANCED_COUNTS):
         assert abs(int((val.labels == label).sum()) - 0.25 * total) <= 1, f"class {label}"
@@ -124,7 +125,7 @@ def test_split_is_stratified_on_imbalanced_classes(make_settings, tmp_path):
 
 def test_train_and_val_are_disjoint_and_cover_the_official_train_set(make_settings, tmp_path):
     settings = _imbalanced_settings(make_settings, tmp_path)
-    prepare(settings)
+    prepare.run(settings)
     official = load_official(settings.path("raw"), "imb").train
     assert max(_rows(official.images).values()) == 1  # every official image is unique, so rows identify them
     train, val = load_prepared(settings, "train"), load_prepared(settings, "val")
@@ -139,22 +140,22 @@ def test_train_and_val_are_disjoint_and_cover_the_official_train_set(make_settin
 
 def test_split_is_deterministic_for_the_seed(make_settings, tmp_path):
     settings = _imbalanced_settings(make_settings, tmp_path)
-    prepare(settings)
+    prepare.run(settings)
     first = {name: (settings.path("prepared") / name).read_bytes() for name in ("train.npz", "val.npz")}
     again = settings.with_overrides({"paths.prepared": "prepared_again", "paths.reports": "reports_again"})
-    prepare(again)
+    prepare.run(again)
     assert {name: (again.path("prepared") / name).read_bytes() for name in first} == first
     other = settings.with_overrides(
         {"seed": settings.seed + 1, "paths.prepared": "prepared_other", "paths.reports": "reports_other"}
     )
-    prepare(other)
+    prepare.run(other)
     assert set(_rows(load_prepared(other, "val").images)) != set(_rows(load_prepared(settings, "val").images))
 
 
 def test_clear_errors_before_and_around_the_stage(make_settings, tmp_path):
     settings = make_settings()
     with pytest.raises(DataError, match="run the download stage first"):
-        prepare(settings)
+        prepare.run(settings)
     with pytest.raises(DataError, match="run the prepare stage first"):
         load_prepared(settings, "train")
     with pytest.raises(ValueError, match="the test set is read by load_test"):
@@ -162,7 +163,7 @@ def test_clear_errors_before_and_around_the_stage(make_settings, tmp_path):
     tiny = _imbalanced_settings(make_settings, tmp_path, **{"data.val_fraction": 0.01})
     expected = r"data.val_fraction=0.01 gives 4 validation and 299 training images for 5 classes"
     with pytest.raises(DataError, match=expected):
-        prepare(tiny)
+        prepare.run(tiny)
 
 
 def test_prepare_never_reads_the_test_set(make_settings, tmp_path):
@@ -172,7 +173,7 @@ def test_prepare_never_reads_the_test_set(make_settings, tmp_path):
     raw = settings.path("raw")
     for role in ("test_images", "test_labels"):
         (raw / names[role]).write_bytes(b"not an npz: prepare must not open this")
-    summary = prepare(settings)
+    summary = prepare.run(settings)
     assert summary["n_test"] == read_manifest(settings)["n_test"] == 76  # 303 official test images / 4
     assert summary["n_train"] + summary["n_val"] == sum(IMBALANCED_COUNTS)
     with pytest.raises(DataError, match="imb-test-imgs.npz is missing or changed since the download stage"):

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import yaml
 
 from pipeline import registry, tracking
-from pipeline.config import Settings, load_settings
+from pipeline.config import Settings, load_settings, write_params
 from pipeline.contract import CLASSMAP_FILE, TRAIN_RUN_FILE, ClassMap, TrainRun, write_classmap
 from pipeline.export import export_onnx
 from tests.support import PROJECT_ROOT
@@ -34,10 +33,7 @@ TEN_CLASSES = ClassMap.from_chars("おきすつなはまやれを")  # KMNIST's:
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     root = tmp_path_factory.mktemp("registry")
-    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
-    params["profile"] = "quick"
-    params["data"]["dataset"] = "synthetic"
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    write_params(root / "params.yaml", {"profile": "quick", **{'data.dataset': 'synthetic'}})
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv(tracking.TRACKING_URI_ENV, raising=False)
         yield load_settings(root / "params.yaml")
@@ -134,7 +130,7 @@ def test_champion_moves_only_on_improvement(settings: Settings, trained_run: Tra
     assert (again["version"], again["decision"]) == ("3", "champion")
     assert len(client(cfg).search_model_versions("name = 'ladder-synthetic'")) == 3
 
-    served = registry.champion_artifacts(cfg, cfg.root / "champion")
+    served = tracking.champion_artifacts(cfg, cfg.root / "champion")
     assert served["version"] == "3" and served["metrics"]["test_balanced_accuracy"] == pytest.approx(0.85)
     for key in ("onnx", "classmap", "meta"):
         assert Path(served[key]).is_file() and Path(served[key]).stat().st_size > 0
@@ -159,7 +155,7 @@ def test_a_model_under_the_quality_floor_is_rejected_and_nothing_served_changes(
     assert "registry.min_balanced_accuracy" in rejected.tags["decision_reason"]
     record = report(cfg)
     assert (record["decision"], record["alias"], record["champion_version"]) == ("rejected", "rejected", "1")
-    assert registry.champion_artifacts(cfg, cfg.root / "gate-served")["version"] == "1"
+    assert tracking.champion_artifacts(cfg, cfg.root / "gate-served")["version"] == "1"
 
     strict = cfg.with_overrides({"registry.min_balanced_accuracy": 0.9})  # an explicit floor wins
     trained_run(strict, 0.85)
@@ -191,13 +187,13 @@ def test_failure_after_registration_rolls_back(settings: Settings, trained_run: 
     failed = client(cfg).get_model_version("rollback-synthetic", "2")
     assert failed.tags["status"] == "failed" and "failure_reason" in failed.tags
     assert alias_version(cfg, cfg.registry.champion_alias) == "1"  # the champion was put back
-    with pytest.raises(registry.RegistryError, match="run the register stage"):
-        registry.champion_artifacts(named(cfg, "rollback-none"), cfg.root / "none")
+    with pytest.raises(tracking.TrackingError, match="run the register stage"):
+        tracking.champion_artifacts(named(cfg, "rollback-none"), cfg.root / "none")
 
     shutil.rmtree(blocker)
     retried = registry.run(cfg)  # the failed version is ignored; a clean one takes its place
     assert (retried["version"], retried["decision"]) == ("3", "champion")
-    assert registry.champion_artifacts(cfg, cfg.root / "served")["version"] == "3"
+    assert tracking.champion_artifacts(cfg, cfg.root / "served")["version"] == "3"
 
 
 @pytest.mark.slow
@@ -246,7 +242,7 @@ def test_each_dataset_has_its_own_champion_and_bento_model(settings: Settings, t
     assert (k49_report["model_name"], k49_report["version"], k49_report["decision"]) == (
         "perdata-k49", "1", "champion")
     assert alias_version(synthetic, "champion") == "1" and alias_version(k49, "champion") == "1"
-    assert registry.champion_artifacts(k49, k49.root / "k49-champion")["run_id"] == k49_run
+    assert tracking.champion_artifacts(k49, k49.root / "k49-champion")["run_id"] == k49_run
 
     # Both registered models are at version 1: the package stage must not reuse the synthetic model.
     synthetic_tag = bento.import_champion(synthetic)

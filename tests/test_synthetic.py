@@ -7,15 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import synthetic
+from pipeline import download, synthetic
+from pipeline.contract import (
+    GLYPH_SIDE,
+    official_file_names,
+)
 from pipeline.data import (
-    IMAGE_SIDE,
     OFFICIAL_CLASSMAPS,
     OFFICIAL_FILES,
-    fetch_raw,
     load_official,
     md5_of,
-    official_file_names,
     read_manifest,
 )
 
@@ -47,7 +48,7 @@ def test_official_k49_format(tmp_path):
     assert md5_of(tmp_path / "k49_classmap.csv") == OFFICIAL_FILES["k49"]["k49_classmap.csv"].md5
     for split, per_class in ((data.train, 4), (data.test, 2)):
         assert split.images.dtype == np.uint8
-        assert split.images.shape == (49 * per_class, IMAGE_SIDE, IMAGE_SIDE)
+        assert split.images.shape == (49 * per_class, GLYPH_SIDE, GLYPH_SIDE)
         assert np.array_equal(np.bincount(split.labels, minlength=49), np.full(49, per_class))
     with np.load(tmp_path / "k49-train-labels.npz", allow_pickle=False) as archive:
         assert archive.files == ["arr_0"] and archive["arr_0"].dtype == np.uint8
@@ -60,7 +61,7 @@ def test_render_glyph_varies_and_stays_in_frame():
     rng = np.random.default_rng(0)
     glyphs = [synthetic.render_glyph("あ", rng) for _ in range(8)]
     for glyph in glyphs:
-        assert glyph.dtype == np.uint8 and glyph.shape == (IMAGE_SIDE, IMAGE_SIDE)
+        assert glyph.dtype == np.uint8 and glyph.shape == (GLYPH_SIDE, GLYPH_SIDE)
         assert glyph.max() > 150
         assert glyph[0].mean() < 60 and glyph[-1].mean() < 60  # borders mostly background
     assert len({glyph.tobytes() for glyph in glyphs}) == len(glyphs)
@@ -94,7 +95,7 @@ def test_a_small_model_learns_it_far_above_chance(tmp_path):
 def test_fetch_raw_synthetic_writes_the_manifest(make_settings):
     settings = make_settings({"data.dataset": "synthetic", "data.synthetic.train_per_class": 2,
                               "data.synthetic.test_per_class": 1, "data.synthetic.seed": 3})
-    raw = fetch_raw(settings)
+    raw = download.run(settings)
     manifest = read_manifest(settings)
     assert manifest["source"] == "synthetic:seed=3" and manifest["prefix"] == "k49"
     assert (manifest["n_train"], manifest["n_test"], manifest["n_classes"]) == (98, 49, 49)

@@ -10,10 +10,9 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import yaml
 
 from pipeline import tracking
-from pipeline.config import Settings, load_settings
+from pipeline.config import Settings, load_settings, write_params
 from pipeline.export import export_onnx
 from tests.support import PROJECT_ROOT
 from tests.test_export import NUM_CLASSES, raw_pixels, small_model
@@ -22,9 +21,7 @@ from tests.test_export import NUM_CLASSES, raw_pixels, small_model
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     root = tmp_path_factory.mktemp("tracking")
-    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
-    params["profile"] = "quick"
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    write_params(root / "params.yaml", {"profile": "quick", **{}})
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv(tracking.TRACKING_URI_ENV, raising=False)
         yield load_settings(root / "params.yaml")

@@ -12,6 +12,7 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
+from pipeline import loop
 from pipeline import train as training
 from pipeline.model import SpinalVGG
 
@@ -57,7 +58,7 @@ TRAIN, VAL = blobs([8, 8, 8, 8], seed=0), blobs([4, 4, 4, 4], seed=1)
 
 def test_loss_falls_and_the_model_learns(tiny):
     settings = tiny()
-    result = training.fit(settings, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
+    result = loop.fit(settings, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
     losses = [m.train_loss for m in result.history]
     assert len(result.history) == 3 and not result.stopped_early
     assert losses[-1] < losses[0]
@@ -71,11 +72,11 @@ def test_loss_falls_and_the_model_learns(tiny):
 def test_early_stopping_restores_the_best_weights(tiny):
     # min_delta 1.0 cannot be beaten after the first epoch: patience 1 stops after epoch 2.
     settings = tiny(train__epochs=6, train__patience=1, train__min_delta=1.0)
-    result = training.fit(settings, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
+    result = loop.fit(settings, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
     assert result.stopped_early
     assert [m.epoch for m in result.history] == [1, 2]
     assert result.best_epoch == 1
-    logits = torch.from_numpy(training.predict_logits(result.model, VAL.images, 7, "cpu"))
+    logits = torch.from_numpy(loop.predict_logits(result.model, VAL.images, 7, "cpu"))
     val_loss = nn.functional.cross_entropy(logits, torch.from_numpy(VAL.labels)).item()
     assert val_loss == pytest.approx(result.history[0].val_loss, rel=1e-4)
     assert val_loss != pytest.approx(result.history[1].val_loss, rel=1e-4)
@@ -94,7 +95,7 @@ def test_killed_then_resumed_run_ends_where_an_uninterrupted_one_does(tiny, tmp_
     settings = tiny(train__ema_decay=0.8, train__class_balance="sampler", train__optimizer="sgd",
                     train__lr=0.05, train__batch_size=12, augment__erasing_prob=0.5)
     imbalanced = blobs([10, 6, 4, 4], seed=2)
-    whole = training.fit(settings, imbalanced, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD,
+    whole = loop.fit(settings, imbalanced, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD,
                          checkpoint_path=tmp_path / "a.pt")
 
     def kill_after_epoch_2(metrics):
@@ -103,10 +104,10 @@ def test_killed_then_resumed_run_ends_where_an_uninterrupted_one_does(tiny, tmp_
 
     checkpoint = tmp_path / "b.pt"
     with pytest.raises(Killed):
-        training.fit(settings, imbalanced, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD,
+        loop.fit(settings, imbalanced, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD,
                      callbacks=[kill_after_epoch_2], checkpoint_path=checkpoint)
     seen = []
-    resumed = training.fit(settings, imbalanced, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD,
+    resumed = loop.fit(settings, imbalanced, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD,
                            callbacks=[seen.append], checkpoint_path=checkpoint)
 
     assert [m.epoch for m in seen] == [3]  # only the epoch that was still to run
@@ -121,21 +122,21 @@ def test_killed_then_resumed_run_ends_where_an_uninterrupted_one_does(tiny, tmp_
 def test_checkpoint_of_other_settings_is_not_resumed(tiny, tmp_path):
     settings = tiny(train__epochs=1)
     checkpoint = tmp_path / "run.pt"
-    training.fit(settings, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD, checkpoint_path=checkpoint)
-    same = training.fingerprint(settings, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
-    assert training._load_checkpoint(checkpoint, same) is not None
+    loop.fit(settings, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD, checkpoint_path=checkpoint)
+    same = loop.fingerprint(settings, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
+    assert loop._load_checkpoint(checkpoint, same) is not None
     # Device and validation batch size do not change the trajectory; lr and the data do.
     portable = settings.with_overrides({"train.device": "auto", "train.eval_batch_size": 3})
-    assert training.fingerprint(portable, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD) == same
+    assert loop.fingerprint(portable, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD) == same
     other_lr = settings.with_overrides({"train.lr": 0.01})
-    assert training.fingerprint(other_lr, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD) != same
+    assert loop.fingerprint(other_lr, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD) != same
     flipped = Split(TRAIN.images.copy(), TRAIN.labels)
     flipped.images[0, 0, 0] ^= 1
-    other_data = training.fingerprint(settings, flipped, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
-    assert other_data != same and training._load_checkpoint(checkpoint, other_data) is None
+    other_data = loop.fingerprint(settings, flipped, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
+    assert other_data != same and loop._load_checkpoint(checkpoint, other_data) is None
     # A truncated file is ignored (training starts fresh) instead of crashing the stage.
     checkpoint.write_bytes(checkpoint.read_bytes()[:100])
-    assert training._load_checkpoint(checkpoint, same) is None
+    assert loop._load_checkpoint(checkpoint, same) is None
 
 
 def test_interrupted_stage_resumes_its_mlflow_run_only_for_the_same_fingerprint(tmp_path):
@@ -153,16 +154,16 @@ def test_interrupted_stage_resumes_its_mlflow_run_only_for_the_same_fingerprint(
 
 def test_divergence_stops_with_a_clear_error(tiny):
     settings = tiny(train__epochs=1, train__optimizer="sgd", train__lr=1e12, train__label_smoothing=0.0)
-    with pytest.raises(training.TrainingDiverged, match="lower train.lr"):
-        training.fit(settings, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
+    with pytest.raises(loop.TrainingDiverged, match="lower train.lr"):
+        loop.fit(settings, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
 
 
 def test_bad_training_data_is_rejected_with_a_clear_message(tiny):
     settings = tiny()
     with pytest.raises(ValueError, match="labels span"):
-        training.fit(settings, TRAIN, VAL, 3, PIXEL_MEAN, PIXEL_STD)
+        loop.fit(settings, TRAIN, VAL, 3, PIXEL_MEAN, PIXEL_STD)
     with pytest.raises(ValueError, match="uint8"):
-        training.fit(settings, Split(TRAIN.images.astype(np.float32), TRAIN.labels), VAL, NUM_CLASSES,
+        loop.fit(settings, Split(TRAIN.images.astype(np.float32), TRAIN.labels), VAL, NUM_CLASSES,
                      PIXEL_MEAN, PIXEL_STD)
 
 
@@ -180,7 +181,7 @@ def test_validation_balanced_accuracy_matches_sklearn():
     predicted = np.array([0] * 7 + [1] + [1, 1, 0] + [2, 3] + [3])
     images = np.zeros((len(labels), 28, 28), np.uint8)
     images[:, 0, 0] = predicted
-    loss, accuracy, balanced = training._validate(
+    loss, accuracy, balanced = loop._validate(
         FixedPredictions(), torch.from_numpy(images), torch.from_numpy(labels), NUM_CLASSES, 5, False, False)
     assert balanced == pytest.approx(balanced_accuracy_score(labels, predicted))
     assert accuracy == pytest.approx(np.mean(labels == predicted))
@@ -189,7 +190,7 @@ def test_validation_balanced_accuracy_matches_sklearn():
 
 
 def test_class_weights_are_inverse_frequency_with_mean_one():
-    weights = training.class_weights(np.array([0] * 6 + [1] * 3 + [2] * 1), 3)
+    weights = loop.class_weights(np.array([0] * 6 + [1] * 3 + [2] * 1), 3)
     assert weights.mean().item() == pytest.approx(1.0)
     assert weights[2] / weights[0] == pytest.approx(6.0)
 
@@ -200,10 +201,10 @@ def test_schedules_warm_up_peak_at_lr_and_decay(make_settings, schedule):
                          "train.lr": 0.1, "train.step_every": 4, "train.step_gamma": 0.5,
                          "train.batch_size": 8, "train.min_steps_per_epoch": 0}).train
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    plan = training.plan_steps(cfg, n_train=40)
+    plan = loop.plan_steps(cfg, n_train=40)
     steps = plan.steps_per_epoch
     assert (steps, plan.warmup_steps) == (5, 10)
-    scheduler, per_batch = training.make_scheduler(cfg, optimizer, plan)
+    scheduler, per_batch = loop.make_scheduler(cfg, optimizer, plan)
     lrs = []
     for _ in range(cfg.epochs):
         for _ in range(steps):
@@ -224,14 +225,14 @@ def test_schedules_warm_up_peak_at_lr_and_decay(make_settings, schedule):
 
 def test_bundle_round_trip_and_predict_logits(tmp_path):
     model = SpinalVGG(NUM_CLASSES, spinal_width=16, pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD).eval()
-    path = training.save_bundle(tmp_path / "model.pt", model, {"classes": ["あ", "い", "う", "え"]})
-    loaded, meta = training.load_bundle(path)
+    path = loop.save_bundle(tmp_path / "model.pt", model, {"classes": ["あ", "い", "う", "え"]})
+    loaded, meta = loop.load_bundle(path)
     assert meta["classes"] == ["あ", "い", "う", "え"]
     assert meta["model"] == model.config()
-    expected = training.predict_logits(model, VAL.images, 5, "cpu")
+    expected = loop.predict_logits(model, VAL.images, 5, "cpu")
     assert expected.shape == (len(VAL.labels), NUM_CLASSES) and expected.dtype == np.float32
     # Same weights; only the batching differs (64 vs 5), which may move the last float bit.
-    np.testing.assert_allclose(training.predict_logits(loaded, VAL.images, 64, "cpu"), expected,
+    np.testing.assert_allclose(loop.predict_logits(loaded, VAL.images, 64, "cpu"), expected,
                                rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         direct = model(torch.from_numpy(VAL.images).float().unsqueeze(1)).numpy()
@@ -239,17 +240,17 @@ def test_bundle_round_trip_and_predict_logits(tmp_path):
 
     (tmp_path / "broken.pt").write_bytes(b"not a bundle")
     with pytest.raises(ValueError, match="not a valid model bundle"):
-        training.load_bundle(tmp_path / "broken.pt")
+        loop.load_bundle(tmp_path / "broken.pt")
     with pytest.raises(FileNotFoundError, match="run the train stage"):
-        training.load_bundle(tmp_path / "missing.pt")
+        loop.load_bundle(tmp_path / "missing.pt")
 
 
 def test_select_device():
-    assert training.select_device("cpu").type == "cpu"
-    assert training.select_device("auto").type in ("cuda", "mps", "cpu")
+    assert loop.select_device("cpu").type == "cpu"
+    assert loop.select_device("auto").type in ("cuda", "mps", "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no cuda device"):
-            training.select_device("cuda")
+            loop.select_device("cuda")
 
 
 @pytest.mark.slow
@@ -259,7 +260,7 @@ def test_train_stage_writes_outputs_and_tracks_the_run(make_settings, monkeypatc
 
     import mlflow
 
-    from pipeline import data
+    from pipeline import download, prepare
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     settings = make_settings({
@@ -268,8 +269,8 @@ def test_train_stage_writes_outputs_and_tracks_the_run(make_settings, monkeypatc
         "train.max_train_per_class": 4, "train.max_val_per_class": 1, "train.device": "cpu",
         "model.spinal_width": 16,
     })
-    data.fetch_raw(settings)
-    data.prepare(settings)
+    download.run(settings)
+    prepare.run(settings)
     result = training.run(settings)
 
     models, reports = settings.path("models"), settings.path("reports")
@@ -283,7 +284,7 @@ def test_train_stage_writes_outputs_and_tracks_the_run(make_settings, monkeypatc
     history = (reports / "train" / "history.csv").read_text().splitlines()
     assert history[0] == "epoch,train_loss,val_loss,val_accuracy,val_balanced_accuracy,lr,seconds"
     assert len(history) == 3
-    model, meta = training.load_bundle(models / "model.pt")
+    model, meta = loop.load_bundle(models / "model.pt")
     assert meta["classes"][0] == "あ" and meta["model"]["num_classes"] == 49
 
     run_info = json.loads((models / "train_run.json").read_text())
@@ -306,13 +307,13 @@ def test_train_stage_writes_outputs_and_tracks_the_run(make_settings, monkeypatc
 def test_small_data_gets_a_smaller_batch_and_proportional_lr(make_settings):
     cfg = make_settings({"train.batch_size": 256, "train.lr": 0.1, "train.min_steps_per_epoch": 64,
                          "train.min_batch_size": 32, "train.epochs": 12, "train.warmup_fraction": 0.1}).train
-    large = training.plan_steps(cfg, n_train=209_000)  # K49's train split
+    large = loop.plan_steps(cfg, n_train=209_000)  # K49's train split
     assert (large.batch_size, large.lr, large.steps_per_epoch) == (256, 0.1, 816)
-    small = training.plan_steps(cfg, n_train=5_410)  # kmnist-dev's train split
+    small = loop.plan_steps(cfg, n_train=5_410)  # kmnist-dev's train split
     assert (small.batch_size, small.steps_per_epoch) == (64, 84)
     assert small.lr == pytest.approx(0.025)
     assert small.total_steps == 12 * 84 and small.warmup_steps == round(0.1 * 12 * 84)
-    tiny_data = training.plan_steps(cfg, n_train=500)  # halving stops at min_batch_size
+    tiny_data = loop.plan_steps(cfg, n_train=500)  # halving stops at min_batch_size
     assert tiny_data.batch_size == 32 and tiny_data.lr == pytest.approx(0.0125)
 
 
@@ -326,7 +327,7 @@ def test_weight_average_tracks_the_trained_model_from_the_first_steps():
     model = SpinalVGG(NUM_CLASSES, spinal_width=16, dropout=0.0, pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD)
     initial = SpinalVGG(**model.config())
     initial.load_state_dict(model.state_dict())
-    warmed = training.make_weight_average(model, max_decay=0.999)
+    warmed = loop.make_weight_average(model, max_decay=0.999)
     fixed = torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999), use_buffers=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.003)
@@ -349,6 +350,33 @@ def test_weight_average_tracks_the_trained_model_from_the_first_steps():
 
 
 def test_weight_average_decay_warms_up_to_its_cap():
-    assert training.ema_decay_at(0, 0.999) == pytest.approx(0.1)
-    assert training.ema_decay_at(90, 0.999) == pytest.approx(0.91)
-    assert training.ema_decay_at(50_000, 0.999) == 0.999
+    assert loop.ema_decay_at(0, 0.999) == pytest.approx(0.1)
+    assert loop.ema_decay_at(90, 0.999) == pytest.approx(0.91)
+    assert loop.ema_decay_at(50_000, 0.999) == 0.999
+
+
+def test_tuned_values_overlay_the_profile_but_not_the_command_line(tmp_path):
+    from pipeline.config import ConfigError, load_settings, write_params
+    from pipeline.contract import BEST_PARAMS_FILE, DataError
+
+    settings = load_settings(write_params(tmp_path / "params.yaml", {"profile": "quick"}))
+    assert training.apply_tuned(settings) is settings  # no file: params.yaml as it is
+    best = settings.path("models") / BEST_PARAMS_FILE
+    best.parent.mkdir(parents=True)
+    best.write_text("{}\n")
+    assert training.apply_tuned(settings) is settings  # tuning was off
+    best.write_text("train.lr: 0.0123\nmodel.dropout: 0.25\n")
+    tuned = training.apply_tuned(settings)
+    assert (tuned.train.lr, tuned.model.dropout) == (0.0123, 0.25)  # tuned > profile
+    assert tuned.train.epochs == settings.train.epochs
+
+    pinned = load_settings(write_params(tmp_path / "params.yaml", {"profile": "quick", "train.lr": 0.07}))
+    both = training.apply_tuned(pinned)
+    assert (both.train.lr, both.model.dropout) == (0.07, 0.25)  # command line > tuned
+
+    best.write_text("train.nope: 1\n")
+    with pytest.raises(ConfigError, match="train.nope"):
+        training.apply_tuned(settings)
+    best.write_text("train.lr: [unclosed\n")
+    with pytest.raises(DataError, match="not valid YAML"):
+        training.apply_tuned(settings)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import AugmentSettings
+from pipeline.config import AugmentSettings, load_settings
 from pipeline.transforms import BatchAugment, affine_warp, normalize
 
 SIDE = 28
@@ -100,11 +100,11 @@ def test_same_generator_seed_same_augmentation():
 
 
 def test_wrong_shape_is_rejected():
-    augment = BatchAugment(AugmentSettings())
+    augment = BatchAugment(load_settings().augment)
     with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
         augment(torch.zeros(4, SIDE, SIDE))
 
 
 def test_works_on_uint8_derived_batches_like_the_loop():
     images = torch.from_numpy(np.zeros((3, SIDE, SIDE), np.uint8)).unsqueeze(1).float()
-    assert BatchAugment(AugmentSettings())(images).shape == (3, 1, SIDE, SIDE)
+    assert BatchAugment(load_settings().augment)(images).shape == (3, 1, SIDE, SIDE)

@@ -20,8 +20,9 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from pipeline import data, tracking, train, tune
+from pipeline import download, loop, prepare, tracking, tune
 from pipeline.config import load_settings
+from pipeline.contract import BEST_PARAMS_FILE
 from tests.prefect_server import write_tiny_params
 from tests.support import PROJECT_ROOT
 
@@ -43,8 +44,8 @@ def _own_tracking_store(monkeypatch: pytest.MonkeyPatch) -> None:
 def shared_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Tiny synthetic raw + prepared data made once; tests point paths.raw/prepared at it."""
     settings = _settings(tmp_path_factory.mktemp("tune-data"))
-    data.fetch_raw(settings)
-    data.prepare(settings)
+    download.run(settings)
+    prepare.run(settings)
     return {"paths.raw": str(settings.path("raw")), "paths.prepared": str(settings.path("prepared"))}
 
 
@@ -93,29 +94,10 @@ def test_study_name_ignores_execution_only_train_settings(tmp_path: Path) -> Non
     assert tune.study_name(base.with_overrides({"tune.search_space": space}), "data-a") != name
 
 
-def test_apply_best_params_overlays_and_rejects_bad_files(tmp_path: Path) -> None:
-    settings = _settings(tmp_path)
-    assert tune.apply_best_params(settings) is settings  # no file: params.yaml as is
-    path = settings.path("models") / tune.BEST_PARAMS_FILE
-    path.parent.mkdir(parents=True)
-    path.write_text("{}\n")
-    assert tune.apply_best_params(settings) == settings
-    path.write_text(yaml.safe_dump({"train.lr": 0.0123, "model.dropout": 0.25}))
-    tuned = tune.apply_best_params(settings)
-    assert (tuned.train.lr, tuned.model.dropout) == (0.0123, 0.25)
-    assert tuned.train.epochs == settings.train.epochs
-    path.write_text(yaml.safe_dump({"train.nope": 1}))
-    with pytest.raises(tune.TuneError, match="(?s)best_params.yaml.*nope"):
-        tune.apply_best_params(settings)
-    path.write_text("train.lr: [unclosed\n")
-    with pytest.raises(tune.TuneError, match="not valid YAML"):
-        tune.apply_best_params(settings)
-
-
 def test_zero_trials_writes_empty_best_params(tmp_path: Path) -> None:
-    settings = _settings(tmp_path, {"profiles.quick.tune.n_trials": 0})
+    settings = _settings(tmp_path, {"tune.n_trials": 0})
     summary = tune.run(settings)
-    assert yaml.safe_load((settings.path("models") / tune.BEST_PARAMS_FILE).read_text()) == {}
+    assert yaml.safe_load((settings.path("models") / BEST_PARAMS_FILE).read_text()) == {}
     assert summary["trials_complete"] == 0 and summary["best_params"] == {}
     assert json.loads((settings.path("reports") / "tune" / "summary.json").read_text()) == summary
 
@@ -194,7 +176,7 @@ def test_reruns_resume_the_recorded_parent_run_or_replace_a_missing_one(tmp_path
 
 @pytest.mark.slow
 def test_study_prunes_logs_nested_runs_and_writes_best_params(tmp_path: Path, shared_data) -> None:
-    settings = _settings(tmp_path, {**shared_data, "profiles.quick.tune.n_trials": 4})
+    settings = _settings(tmp_path, {**shared_data, "tune.n_trials": 4})
     # Seed the study so a prune is certain, not luck: two moderate learning rates, then one so high that
     # the tiny net collapses to a single class (chance level) after its first epoch, below their median.
     study = optuna.create_study(study_name=tune.study_name(settings, tune.data_fingerprint(settings)),
@@ -208,7 +190,7 @@ def test_study_prunes_logs_nested_runs_and_writes_best_params(tmp_path: Path, sh
     assert states.count(TrialState.PRUNED) >= 1, states
     assert states.count(TrialState.COMPLETE) >= 1, states
     assert summary["trials_complete"] + summary["trials_pruned"] == 4
-    best = yaml.safe_load((settings.path("models") / tune.BEST_PARAMS_FILE).read_text())
+    best = yaml.safe_load((settings.path("models") / BEST_PARAMS_FILE).read_text())
     assert set(best) == set(settings.tune.search_space) and best == study.best_trial.params
     assert summary[f"best_{tune.OBJECTIVE}"] == pytest.approx(study.best_value)
     rows = (settings.path("reports") / "tune" / tune.TRIALS_FILE).read_text().strip().splitlines()
@@ -235,9 +217,9 @@ def test_a_failing_trial_is_recorded_failed_and_the_study_goes_on(
     tmp_path: Path, shared_data, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # No pruning, so every trial but the failing one completes.
-    settings = _settings(tmp_path, {**shared_data, "profiles.quick.tune.pruner_startup_trials": 100})
+    settings = _settings(tmp_path, {**shared_data, "tune.pruner_startup_trials": 100})
     failing = 1
-    real_fit = train.fit
+    real_fit = loop.fit
 
     def fit_that_runs_out_of_memory_in_one_trial(*args: Any, callbacks: Any = (), **kwargs: Any) -> Any:
         # Real training; the chosen trial hits what a too-large batch does on a GPU, after its first epoch.
@@ -247,7 +229,7 @@ def test_a_failing_trial_is_recorded_failed_and_the_study_goes_on(
             callbacks = (*callbacks, out_of_memory)
         return real_fit(*args, callbacks=callbacks, **kwargs)
 
-    monkeypatch.setattr(train, "fit", fit_that_runs_out_of_memory_in_one_trial)
+    monkeypatch.setattr(loop, "fit", fit_that_runs_out_of_memory_in_one_trial)
     summary = tune.run(settings)
 
     trials = _study(settings).get_trials()
@@ -255,7 +237,7 @@ def test_a_failing_trial_is_recorded_failed_and_the_study_goes_on(
                                          TrialState.COMPLETE]
     assert "CUDA out of memory" in trials[failing].user_attrs[tune.FAIL_REASON_ATTR]
     assert (summary["trials_complete"], summary["trials_failed"]) == (3, 1)
-    best = yaml.safe_load((settings.path("models") / tune.BEST_PARAMS_FILE).read_text())
+    best = yaml.safe_load((settings.path("models") / BEST_PARAMS_FILE).read_text())
     assert best == summary["best_params"] and set(best) == set(settings.tune.search_space)
     assert summary["best_trial"] != failing
 
