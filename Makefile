@@ -14,15 +14,18 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 DATASET ?= k49
 # DATASET=local: a folder of official-format files; its prefix is detected from *_classmap.csv.
 LOCAL_DIR ?=
-# The full GPU recipe for real data; the CPU-sized profile for the offline synthetic demo.
-PROFILE ?= $(if $(filter synthetic,$(DATASET)),quick,full)
+# Empty: `make run` picks quick for DATASET=synthetic, else full with a usable GPU and cpu without one
+# (python -m flows choose-profile says which and why). PROFILE=full|cpu|quick always wins.
+PROFILE ?=
+# The one local Prefect server of `make run` (when PREFECT_API_URL is not set), on 127.0.0.1.
+PREFECT_PORT ?= 4200
 PYTEST_ARGS ?=
 HOST ?= 127.0.0.1
 POOL ?= kuzushiji-process
 WORKERS ?= 1
 PORT ?= 3000
 
-.PHONY: help venv run test lock mlflow-ui prefect-server worker deploy tune serve bento container
+.PHONY: help venv run test lock mlflow-ui prefect-ui prefect-stop prefect-server worker deploy tune serve bento container
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -37,9 +40,18 @@ $(STAMP): requirements.lock pyproject.toml
 
 venv: $(STAMP) ## create .venv and install the pinned lock
 
-run: $(STAMP) ## the whole pipeline (DATASET=k49|kmnist|synthetic|local [LOCAL_DIR=..], PROFILE=full|quick)
-	$(BIN)/dvc exp run -S data.dataset=$(DATASET) -S profile=$(PROFILE) $(if $(LOCAL_DIR),-S data.local_dir=$(LOCAL_DIR))
-	$(BIN)/dvc metrics show
+# One Prefect API for every stage of the run: PREFECT_API_URL if set, else the server on PREFECT_PORT
+# (started here if none answers, and left running for its UI). Then a short summary instead of the
+# all-columns `dvc metrics show`.
+run: $(STAMP) ## the whole pipeline (DATASET=k49|kmnist|synthetic|local [LOCAL_DIR=..], PROFILE=full|cpu|quick)
+	@set -euo pipefail; \
+	profile=$$($(BIN)/python -m flows choose-profile --dataset "$(DATASET)" --profile "$(PROFILE)"); \
+	api=$$($(BIN)/python -m flows server start --port $(PREFECT_PORT)); \
+	set -x; \
+	PREFECT_API_URL="$$api" $(BIN)/dvc exp run -S data.dataset=$(DATASET) -S profile=$$profile \
+	  $(if $(LOCAL_DIR),-S data.local_dir=$(LOCAL_DIR)); \
+	{ set +x; } 2>/dev/null; \
+	$(BIN)/python -m flows summary --prefect-api "$$api"
 
 test: $(STAMP) ## the test suite, slow end-to-end tests included
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -52,8 +64,15 @@ mlflow-ui: $(STAMP) ## MLflow UI on the embedded store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow/mlflow.db}" \
 	  --host 127.0.0.1 --port 5000
 
-prefect-server: $(STAMP) ## Prefect server + UI (http://127.0.0.1:4200); then export PREFECT_API_URL=http://127.0.0.1:4200/api
-	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+prefect-ui: $(STAMP) ## start (if needed) the project's Prefect server in the background and print its UI address
+	@api=$$($(BIN)/python -m flows server start --port $(PREFECT_PORT)) && \
+	  echo "Prefect UI: $${api%/api}   (in other shells: export PREFECT_API_URL=$$api)"
+
+prefect-stop: $(STAMP) ## stop the Prefect server that make run / make prefect-ui started
+	@$(BIN)/python -m flows server stop
+
+prefect-server: $(STAMP) ## Prefect server + UI in the foreground (Ctrl-C stops it); same port as make run
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 worker: $(STAMP) ## create the process work pool and run a worker for the deployments (keep it running)
 	$(BIN)/prefect work-pool create $(POOL) --type process --overwrite

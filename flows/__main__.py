@@ -1,8 +1,15 @@
-"""``python -m flows <stage>`` runs one pipeline stage as a Prefect flow run (the command of each DVC
-stage); ``python -m flows flow <name>`` runs a grouped flow directly.
+"""``python -m flows <stage>`` runs one pipeline stage as a Prefect flow run: the command of each DVC stage.
 
-Without ``PREFECT_API_URL`` Prefect starts a temporary local server per process (prefect.toml raises its
-start-up timeout for small machines); set ``PREFECT_API_URL`` to report to a running server instead.
+Other commands::
+
+    python -m flows flow pipeline [--dataset D] [--profile P] [--force]   the whole pipeline via `dvc exp run`
+    python -m flows flow tune [--workers N]          add trials to the shared study (outside DVC)
+    python -m flows server start|stop|status          the one local Prefect server of `make run`
+    python -m flows choose-profile --dataset D [--profile P]    the profile `make run` picks here
+    python -m flows summary                           the end-of-run lines of `make run`
+
+Every flow run reports to ``PREFECT_API_URL``. Without it (a stage started by hand, outside ``make run``)
+Prefect starts a temporary server for that one process, and one line on stderr says how to share one.
 """
 
 from __future__ import annotations
@@ -13,15 +20,50 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from flows.tasks import STAGES
+# Commands that never run a flow: they must not pay for importing Prefect's flow machinery.
+TOOL_COMMANDS = ("server", "choose-profile", "summary")
+FLOWS = ("pipeline", "tune")
+REMOVED_FLOWS = ("preprocess", "train")
+SHARED_SERVER_HINT = (
+    "flows: PREFECT_API_URL is not set, so this process starts Prefect's temporary server and stops it "
+    "at exit. To send every stage to one server instead: `make prefect-ui`, then `export "
+    "PREFECT_API_URL=http://127.0.0.1:4200/api` (`make run` does both by itself)."
+)
 
-FLOWS = ("preprocess", "tune", "train", "pipeline")
+
+def _tool(command: str, argv: Sequence[str]) -> int:
+    if command == "server":
+        from flows import server
+
+        return server.main(argv)
+    if command == "choose-profile":
+        from flows import profile_choice
+
+        return profile_choice.main(argv)
+    from flows import run_summary
+
+    return run_summary.main(argv)
+
+
+def _hint_without_api_url() -> None:
+    from flows.server import configured_api_url
+
+    if configured_api_url() is None:
+        print(SHARED_SERVER_HINT, file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows", description=__doc__.split("\n\n")[0])
-    parser.add_argument("target", choices=[*STAGES, "flow"], help="a stage, or 'flow' for a grouped flow")
-    parser.add_argument("flow_name", nargs="?", choices=FLOWS, help="with 'flow': which flow")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOL_COMMANDS:
+        return _tool(argv[0], argv[1:])
+    from flows.tasks import STAGES
+
+    parser = argparse.ArgumentParser(prog="python -m flows", description=__doc__.split("\n\n")[0],
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("target", choices=[*STAGES, "flow", *TOOL_COMMANDS],
+                        help="a stage, 'flow' for the pipeline/tune flows, or a tool command")
+    parser.add_argument("flow_name", nargs="?", help="with 'flow': pipeline | tune")
     parser.add_argument("--workers", type=int, default=None, help="tune: parallel worker processes")
     parser.add_argument("--dataset", default=None, help="pipeline: data.dataset for this run")
     parser.add_argument("--profile", default=None, help="pipeline: profile for this run")
@@ -31,8 +73,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--workers must be at least 1")
     if (args.target == "flow") != (args.flow_name is not None):
         parser.error("give a flow name after 'flow' (and only there)")
+    if args.flow_name in REMOVED_FLOWS:
+        parser.error(f"there is no '{args.flow_name}' flow: the order of the stages lives in dvc.yaml only. "
+                     f"Run `dvc repro <stage>` (it runs what that stage needs), or one stage at a time with "
+                     f"`python -m flows <stage>` ({', '.join(STAGES)})")
+    if args.flow_name is not None and args.flow_name not in FLOWS:
+        parser.error(f"unknown flow {args.flow_name!r}; flows: {', '.join(FLOWS)}")
     # The domain package logs progress through `pipeline.*`; prefect.toml forwards it to the run log.
     logging.getLogger("pipeline").setLevel(logging.INFO)
+    _hint_without_api_url()
 
     from flows import stages
 
@@ -42,10 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from flows.pipeline import pipeline
 
         result = pipeline(dataset=args.dataset, profile=args.profile, force=args.force)
-    elif args.flow_name == "tune":
-        result = stages.tune(workers=args.workers)
     else:
-        result = getattr(stages, args.flow_name)()
+        result = stages.tune(workers=args.workers)
     print(json.dumps(result, indent=2, default=str))
     return 0
 

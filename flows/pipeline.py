@@ -1,5 +1,6 @@
 """The ``pipeline`` flow: the whole pipeline through DVC, so a deployment run leaves the same record as
-``make run`` (dvc.lock, an experiment ref) and every stage still appears as its own flow run.
+``make run`` (dvc.lock, an experiment ref) and every stage still appears as its own flow run, on the same
+Prefect API as this flow run.
 
 It runs ``dvc exp run -S data.dataset=... -S profile=...`` rather than editing params.yaml and calling
 ``dvc repro``: DVC then writes the values itself (comments kept), records them in dvc.lock and keeps the
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prefect import flow, get_run_logger
+from prefect import flow, get_client, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.stages import PARENT_RUN_ENV
@@ -88,7 +89,7 @@ def pipeline(
 ) -> dict[str, Any]:
     """Run every stage that is out of date through ``dvc exp run`` and return the key results.
 
-    ``dataset`` (k49 | kmnist | local | synthetic) and ``profile`` (full | quick) set those params; more
+    ``dataset`` (k49 | kmnist | local | synthetic) and ``profile`` (full | cpu | quick) set those params; more
     ``set_params`` (dotted key -> value) are passed as extra ``-S``; ``force`` re-runs every stage.
     """
     logger = get_run_logger()
@@ -104,6 +105,9 @@ def pipeline(
         # Stage commands say `python`: make it this interpreter whatever PATH the worker has.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         PARENT_RUN_ENV: str(flow_run.get_id() or ""),
+        # Every stage reports to the API this run reports to (even Prefect's temporary server of this
+        # process), instead of each stage process starting a temporary server of its own.
+        "PREFECT_API_URL": str(get_client(sync_client=True).api_url).rstrip("/"),
     }
     logger.info("running %s in %s", " ".join(command), PROJECT_DIR)
     _stream(command, PROJECT_DIR, env)

@@ -1,8 +1,9 @@
-"""Prefect flows over the stage tasks.
+"""Prefect flows over the stage table (flows/tasks.py); the DAG itself lives in dvc.yaml only.
 
 ``stage`` runs one DVC stage (``python -m flows <stage>`` is each stage's command in dvc.yaml).
-``preprocess``, ``tune`` and ``train`` group stages for direct use without DVC (e.g. a tuning deployment
-that adds workers to a shared study). Settings are loaded inside each flow from params.yaml
+``tune`` is the tuning deployment (prefect.yaml ``shared-study``): the tune stage with more worker
+processes, so several workers (or machines, on an RDB ``tune.storage``) fill one shared study; a later
+``dvc repro`` then records the finished study. Settings are loaded inside each flow from params.yaml
 (``$KUZUSHIJI_PARAMS`` or ``params_path``) so flow parameters stay plain JSON.
 """
 
@@ -14,17 +15,25 @@ from typing import Any
 from prefect import flow, get_run_logger, tags
 
 from flows import tasks
-from pipeline.config import load_settings
+from flows.profile_choice import cpu_time_note
+from pipeline.config import Settings, load_settings
 
 # Set by the pipeline flow for the DVC subprocesses, so stage runs are tagged with the run that drove them.
 PARENT_RUN_ENV = "KUZUSHIJI_PIPELINE_FLOW_RUN"
+# Stages whose cost grows with the profile's epochs and data: on a CPU they say how long they will take.
+TIMED_STAGES = ("tune", "train")
 
 
-def _settings(params_path: str | None, overrides: dict[str, Any] | None) -> Any:
-    settings = load_settings(params_path, overrides)
+def _settings(params_path: str | None) -> Settings:
+    settings = load_settings(params_path)
     get_run_logger().info("settings: profile=%s dataset=%s root=%s", settings.profile,
                           settings.data.dataset, settings.root)
     return settings
+
+
+def _announce_cpu_time(name: str, settings: Settings) -> None:
+    if name in TIMED_STAGES and (note := cpu_time_note(name, settings)):
+        get_run_logger().warning("%s", note)
 
 
 @flow(name="stage", flow_run_name="{name}", log_prints=True)
@@ -32,35 +41,18 @@ def stage(name: str, params_path: str | None = None, workers: int | None = None)
     """One pipeline stage as a flow run."""
     if name not in tasks.STAGES:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(tasks.STAGES)}")
-    return tasks.run_stage(name, _settings(params_path, None), workers)
-
-
-@flow(name="preprocess", log_prints=True)
-def preprocess(params_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Download (with retries) and prepare the data."""
-    settings = _settings(params_path, overrides)
-    tasks.run_stage("download", settings)
-    return tasks.prepare(settings)
+    settings = _settings(params_path)
+    _announce_cpu_time(name, settings)
+    return tasks.run_stage(name, settings, workers)
 
 
 @flow(name="tune", log_prints=True)
-def tune(
-    params_path: str | None = None, workers: int | None = None, overrides: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Run or resume the Optuna study (prepared data must exist)."""
-    return tasks.tune(_settings(params_path, overrides), workers)
-
-
-@flow(name="train", log_prints=True)
-def train(params_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train, evaluate, register, package: a failure stops before the next step, so a model that failed
-    evaluation is never registered and an unregistered model is never packaged."""
-    settings = _settings(params_path, overrides)
-    trained = tasks.train(settings)
-    metrics = tasks.evaluate(settings)
-    record = tasks.register(settings)
-    bento_tag = tasks.package(settings)
-    return {"train": trained, "evaluate": metrics, "register": record, "bento_model": bento_tag}
+def tune(params_path: str | None = None, workers: int | None = None) -> dict[str, Any]:
+    """Add trials to the study of the current params until it holds ``tune.n_trials`` finished trials
+    (prepared data must exist). Outside DVC: ``dvc repro`` afterwards records the result."""
+    settings = _settings(params_path)
+    _announce_cpu_time("tune", settings)
+    return tasks.run_stage("tune", settings, workers)
 
 
 def run_stage_cli(name: str, workers: int | None = None) -> Any:

@@ -1,14 +1,17 @@
-"""Prefect tasks: one per pipeline stage, each a thin call into ``pipeline``.
+"""The stages as a table: stage name -> the ``pipeline`` function that does the work, run as one Prefect
+task. The order of the stages is dvc.yaml's business, never this module's.
 
-Tasks never cache (every stage has side effects and DVC decides what needs to run). The download task
-gets Prefect retries from ``data.download`` for unexpected failures; network errors are already retried per
-file inside ``pipeline.data``.
-Progress of long tasks reaches the run's log through the ``pipeline`` logger, which prefect.toml attaches
-to Prefect logging (``logging.extra_loggers``).
+Tasks never cache (every stage has side effects and DVC decides what needs to run). Only the download gets
+Prefect retries (from ``data.download``), and only for unexpected failures: network errors are already
+retried per file inside ``pipeline``. Progress of long tasks reaches the run's log through the ``pipeline``
+logger, which prefect.toml attaches to Prefect logging (``logging.extra_loggers``).
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -16,104 +19,65 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline.config import Settings
 
-STAGES = ("download", "prepare", "tune", "train", "evaluate", "register", "package")
+
+@dataclass(frozen=True)
+class StageFunction:
+    """Where a stage's work lives: ``module:function``, called with the run's Settings."""
+
+    target: str
+    takes_workers: bool = False  # the tune stage: parallel worker processes on one study
+    retried: bool = False  # Prefect retries from data.download (a network stage)
+
+    def resolve(self) -> Callable[..., Any]:
+        # Imported when the stage runs: `python -m flows download` must not pay for torch.
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
-@task(name="download", cache_policy=NO_CACHE)
-def download(settings: Settings) -> str:
-    from pipeline import data
-
-    logger = get_run_logger()
-    logger.info("fetching %s into %s", settings.data.dataset, settings.path("raw"))
-    folder = data.fetch_raw(settings)
-    logger.info("raw files ready in %s", folder)
-    return str(folder)
+STAGE_FUNCTIONS: dict[str, StageFunction] = {
+    "download": StageFunction("pipeline.download:run", retried=True),
+    "prepare": StageFunction("pipeline.prepare:run"),
+    "tune": StageFunction("pipeline.tune:run", takes_workers=True),
+    # Tuned values (models/best_params.yaml) are the train stage's own input, applied inside its `run`.
+    "train": StageFunction("pipeline.train:run"),
+    "evaluate": StageFunction("pipeline.evaluate:run"),
+    "register": StageFunction("pipeline.registry:run"),
+    "package": StageFunction("pipeline.bento:import_champion"),
+}
+STAGES = tuple(STAGE_FUNCTIONS)
 
 
 def _retry_unless_data_error(_task: Any, _task_run: Any, state: Any) -> bool:
-    """Retry unexpected failures only. A ``DataError`` is final: ``pipeline.data`` already retried the
+    """Retry unexpected failures only. A ``DataError`` is final: ``pipeline.download`` already retried the
     network with back-off, and a wrong checksum, a 404 or a malformed local folder cannot heal by itself."""
-    from pipeline.data import DataError
+    from pipeline.contract import DataError
 
     return not isinstance(state.data, DataError)
 
 
-def download_with_retries(settings: Settings) -> Any:
-    """The download task with Prefect retries/back-off from ``data.download``."""
-    return download.with_options(
-        retries=settings.data.download.retries,
-        retry_delay_seconds=settings.data.download.backoff_s,
-        retry_condition_fn=_retry_unless_data_error,
-    )
-
-
-@task(name="prepare", cache_policy=NO_CACHE)
-def prepare(settings: Settings) -> dict[str, Any]:
-    from pipeline import data
-
-    summary = data.prepare(settings)
-    get_run_logger().info("prepared: %s", summary)
-    return summary
-
-
-@task(name="tune", cache_policy=NO_CACHE)
-def tune(settings: Settings, workers: int | None = None) -> dict[str, Any]:
-    from pipeline import tune as tuning
-
-    summary = tuning.run(settings, workers)
-    get_run_logger().info(
-        "study %s: %s complete, %s pruned, %s failed; best params %s",
-        summary["study_name"], summary["trials_complete"], summary["trials_pruned"],
-        summary["trials_failed"], summary["best_params"],
-    )
-    return summary
-
-
-@task(name="train", cache_policy=NO_CACHE)
-def train(settings: Settings) -> dict[str, Any]:
-    from pipeline import train as training
-    from pipeline import tune as tuning
-
-    tuned = tuning.apply_best_params(settings)  # models/best_params.yaml, a DVC dependency of train
-    result = training.run(tuned)
-    get_run_logger().info("trained: %s", result)
+@task(cache_policy=NO_CACHE)
+def _call_stage_function(name: str, settings: Settings, workers: int | None = None) -> Any:
+    stage = STAGE_FUNCTIONS[name]
+    kwargs = {"workers": workers} if stage.takes_workers else {}
+    result = stage.resolve()(settings, **kwargs)
+    get_run_logger().info("%s: %s", name, result)
     return result
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(settings: Settings) -> dict[str, Any]:
-    from pipeline import evaluate as evaluation
-
-    metrics = evaluation.run(settings)
-    get_run_logger().info("test metrics: %s", metrics)
-    return metrics
-
-
-@task(name="register", cache_policy=NO_CACHE)
-def register(settings: Settings) -> dict[str, Any]:
-    from pipeline import registry
-
-    record = registry.run(settings)
-    get_run_logger().info("registry: %s", record)
-    return record
-
-
-@task(name="package", cache_policy=NO_CACHE)
-def package(settings: Settings) -> str:
-    from pipeline import bento
-
-    tag = bento.import_champion(settings)
-    get_run_logger().info("BentoML model %s", tag)
-    return tag
+def stage_task(name: str, settings: Settings) -> Any:
+    """The Prefect task of one stage, named after it (task runs read ``download-…``, ``train-…``)."""
+    if name not in STAGE_FUNCTIONS:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    options: dict[str, Any] = {"name": name}
+    if STAGE_FUNCTIONS[name].retried:
+        options.update(
+            retries=settings.data.download.retries,
+            retry_delay_seconds=settings.data.download.backoff_s,
+            retry_condition_fn=_retry_unless_data_error,
+        )
+    return _call_stage_function.with_options(**options)
 
 
 def run_stage(name: str, settings: Settings, workers: int | None = None) -> Any:
     """Run one stage's task inside the current flow."""
-    if name == "download":
-        return download_with_retries(settings)(settings)
-    if name == "tune":
-        return tune(settings, workers)
-    tasks = {"prepare": prepare, "train": train, "evaluate": evaluate, "register": register, "package": package}
-    if name not in tasks:
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
-    return tasks[name](settings)
+    return stage_task(name, settings)(name, settings, workers)

@@ -49,16 +49,26 @@ def test_stages_run_as_tagged_flow_runs_with_progress_logs(prefect_api: str, tmp
     assert (tmp_path / "project" / "reports" / "data" / "summary.json").is_file()
 
 
-def test_grouped_preprocess_flow(prefect_api: str, tmp_path: Path) -> None:
+def test_a_stage_without_prefect_api_url_runs_on_a_temporary_server_and_says_how_to_share_one(
+    tmp_path: Path,
+) -> None:
+    # A stage started by hand, outside `make run`, with no server configured: it still runs (on Prefect's
+    # temporary server of its own process) and says once how to send every stage to one server.
     params = write_tiny_params(tmp_path / "project")
-    env = client_env(prefect_api, tmp_path / "home", KUZUSHIJI_PARAMS=str(params))
-    result = run_module(["flows", "flow", "preprocess"], env, PROJECT_ROOT, STAGE_TIMEOUT_S)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (run,) = flow_runs(prefect_api, "preprocess")
-    assert run["state_type"] == "COMPLETED"
-    assert sorted(task["name"].rsplit("-", 1)[0] for task in _task_runs(prefect_api, run["id"])) == [
-        "download", "prepare"]
-    assert (tmp_path / "project" / "data" / "prepared" / "val.npz").is_file()
+    env = client_env("", tmp_path / "home", KUZUSHIJI_PARAMS=str(params))
+    env.pop("PREFECT_API_URL")
+    result = run_module(["flows", "download"], env, PROJECT_ROOT, STAGE_TIMEOUT_S)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert output.count("Starting temporary server") == 1
+    assert output.count("PREFECT_API_URL is not set") == 1 and "make prefect-ui" in output
+    assert (tmp_path / "project" / "data" / "raw" / "manifest.json").is_file()
+
+
+def test_the_removed_grouped_flows_point_to_dvc(tmp_path: Path) -> None:
+    result = run_module(["flows", "flow", "train"], client_env("", tmp_path / "home"), PROJECT_ROOT, 120)
+    assert result.returncode == 2
+    assert "dvc repro" in result.stderr and "python -m flows <stage>" in result.stderr
 
 
 def test_failing_stage_leaves_a_failed_flow_run_with_the_reason(prefect_api: str, tmp_path: Path) -> None:

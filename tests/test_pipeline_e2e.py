@@ -68,10 +68,10 @@ def test_make_run_uses_one_prefect_server_and_ends_with_a_summary(tmp_path: Path
         tail = first.stdout[first.stdout.index("Run summary"):]
         assert "dataset                 synthetic" in tail and "profile                 quick" in tail
         assert f"test balanced accuracy  {metrics['test_balanced_accuracy']:.4f}" in tail
-        assert f"{registry['model_name']} version {registry['version']}, alias {registry['alias']}" in tail
+        assert f"{registry['model_name']} version {registry['version']} (alias {registry['alias']})" in tail
         assert "make serve" in tail and "make mlflow-ui" in tail
         assert f"make prefect-ui  -> http://127.0.0.1:{port}" in tail
-        assert len(tail.splitlines()) <= 12
+        assert len(tail.splitlines()) <= 12 and max(map(len, tail.splitlines())) < 120
 
         second = _make("run", project, env, *variables)
         output = second.stdout + second.stderr

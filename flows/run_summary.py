@@ -1,0 +1,90 @@
+"""The few lines ``make run`` ends with: what ran, how good it is, what was registered, what to do next.
+
+``python -m flows summary`` reads only files a run leaves behind (params.yaml, reports/eval/metrics.json,
+reports/registry.json, reports/bento_model.json), so it needs no server and works after ``dvc pull`` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+PARAMS_FILE = "params.yaml"
+EVAL_METRICS = "eval/metrics.json"
+REGISTRY_REPORT = "registry.json"
+BENTO_REPORT = "bento_model.json"
+DEFAULT_PREFECT_UI = "http://127.0.0.1:4200"
+MLFLOW_UI = "http://127.0.0.1:5000"  # make mlflow-ui
+SERVE_URL = "http://127.0.0.1:3000"  # make serve
+LABEL_WIDTH = 24
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _line(label: str, text: str) -> str:
+    return f"  {label:<{LABEL_WIDTH}}{text}"
+
+
+def summary_lines(project_dir: Path = PROJECT_DIR, prefect_ui: str = DEFAULT_PREFECT_UI) -> list[str]:
+    """The run's summary; a missing report becomes a line saying which stage did not write it."""
+    params = yaml.safe_load((project_dir / PARAMS_FILE).read_text(encoding="utf-8")) or {}
+    reports = project_dir / params.get("paths", {}).get("reports", "reports")
+    metrics = _read_json(reports / EVAL_METRICS)
+    registry = _read_json(reports / REGISTRY_REPORT)
+    bento = _read_json(reports / BENTO_REPORT)
+
+    lines = ["", "Run summary", _line("dataset", str(params.get("data", {}).get("dataset"))),
+             _line("profile", str(params.get("profile")))]
+    if metrics:
+        lines.append(_line("test balanced accuracy",
+                           f"{metrics['test_balanced_accuracy']:.4f}  (accuracy {metrics['test_accuracy']:.4f}, "
+                           f"{metrics['n_test']} test images)"))
+    else:
+        lines.append(_line("test balanced accuracy", f"none yet ({reports / EVAL_METRICS} missing: evaluate "
+                                                     "has not run)"))
+    if registry:
+        model = f"{registry['model_name']} version {registry['version']}"
+        lines.append(_line("registered model", f"{model} (alias {registry['alias']})"))
+        why = registry["reason"]
+        if registry["decision"] != "champion" and registry.get("champion_version"):
+            why += f"; the champion stays version {registry['champion_version']}"
+        lines.append(_line("because", why))
+    else:
+        lines.append(_line("registered model", "none (register has not run)"))
+    if bento:
+        lines.append(_line("serve the champion", f"make serve       -> {SERVE_URL} (page at /, POST /predict)"))
+        lines.append(_line("its BentoML model", str(bento.get("tag"))))
+    else:
+        lines.append(_line("serve the champion", "nothing packaged yet (package has not run)"))
+    lines += [
+        _line("runs, trials, registry", f"make mlflow-ui   -> {MLFLOW_UI}"),
+        _line("flow runs", f"make prefect-ui  -> {prefect_ui}"),
+        _line("all metrics and plots", "dvc metrics show / dvc plots show"),
+    ]
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows summary", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prefect-api", default=None,
+                        help="the Prefect API URL the run used (its UI is shown); default the local server")
+    args = parser.parse_args(argv)
+    ui = args.prefect_api.removesuffix("/").removesuffix("/api") if args.prefect_api else DEFAULT_PREFECT_UI
+    print("\n".join(summary_lines(prefect_ui=ui)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
