@@ -44,6 +44,10 @@
     $("status").textContent = text;
   }
 
+  function sayBatch(text) {
+    $("batch-status").textContent = text;
+  }
+
   // An <img> showing a Blob; the previous object URL is released.
   function showBlob(img, blob) {
     if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
@@ -167,7 +171,7 @@
     });
     $("rows").replaceChildren(...rows);
     $("batch").hidden = false;
-    say(`Reading ${files.length} files…`);
+    sayBatch(`Reading ${files.length} files…`);
 
     const glyphs = (async () => {
       for (let start = 0; start < files.length; start += GLYPH_READS_AT_ONCE) {
@@ -191,12 +195,12 @@
         cell.className = "answer failed";
         cell.textContent = index === answer.error.index ? answer.error.message : "not read: the request was refused";
       });
-      say(`${files.length} files: not read`);
+      sayBatch(`${files.length} files: not read`);
       return;
     }
     $("error").hidden = true;
     answer.body.results.forEach((result, index) => fillTop(rows[index].querySelector("td.answer"), result.predictions));
-    say(`${files.length} files read · model version ${answer.body.model_version}`);
+    sayBatch(`${files.length} files read · model version ${answer.body.model_version}`);
   }
 
   function readFiles(list) {
