@@ -16,10 +16,14 @@ import torch
 from fastapi import FastAPI, File, UploadFile
 from PIL import Image
 
-from pipeline.imaging import GLYPH_SIDE
+from pipeline.contract import GLYPH_SIDE
 from pipeline.model import SpinalVGG
 
-WEIGHTS_ENV, CLASSES_ENV, THREADS_ENV = "KUZUSHIJI_BASELINE_WEIGHTS", "KUZUSHIJI_BASELINE_CLASSES", "KUZUSHIJI_BASELINE_THREADS"
+WEIGHTS_ENV, CLASSES_ENV, THREADS_ENV = (
+    "KUZUSHIJI_BASELINE_WEIGHTS",
+    "KUZUSHIJI_BASELINE_CLASSES",
+    "KUZUSHIJI_BASELINE_THREADS",
+)
 
 torch.set_num_threads(int(os.environ.get(THREADS_ENV, "2")))
 model = SpinalVGG(int(os.environ[CLASSES_ENV]))
@@ -29,10 +33,14 @@ app = FastAPI(title="baseline")
 
 
 @app.post("/predict")
-async def predict(image: UploadFile = File(...), top_k: int = 5) -> dict:
+async def predict(image: UploadFile = File(...), top_k: int = 5) -> dict:  # noqa: B008  # FastAPI's idiom
     gray = Image.open(io.BytesIO(await image.read())).convert("L").resize((GLYPH_SIDE, GLYPH_SIDE))
     x = torch.from_numpy(np.asarray(gray, dtype=np.float32))[None, None]
     with torch.no_grad():
         probabilities = torch.softmax(model(x), dim=1)[0]
     values, indices = probabilities.topk(top_k)
-    return {"predictions": [{"index": int(i), "probability": float(v)} for v, i in zip(values, indices)]}
+    return {
+        "predictions": [
+            {"index": int(i), "probability": float(v)} for v, i in zip(values, indices, strict=True)
+        ]
+    }

@@ -1,51 +1,80 @@
-"""Serving benchmark on this machine (CPU): raw ONNX Runtime, the BentoML service, the FastAPI baseline.
+"""Serving benchmark (CPU): the BentoML service against a lean anchor and the seed-style app, in one run.
 
     python -m benchmarks.serve [--duration 10] [--soak 60] [--out benchmarks/results/serve_cpu.json]
+                               [--markdown benchmarks/SERVE.md] [--no-alternatives]
 
-(a) raw ONNX Runtime: batch-1 latency and throughput for batches 1..128 (serve.threads intra-op threads);
-(b) the BentoML service (a real `bentoml serve` on 127.0.0.1): `predict` p50/p99 latency and throughput
-    at 1, 8, 32 and 64 concurrent clients, `predict_batch` with batches of 32;
-(c) the original design's baseline (benchmarks/fastapi_baseline.py: FastAPI, async endpoint, eager
-    PyTorch per request) with the same weights, same machine, same run;
-(d) 64 clients for --soak seconds: errors and the server's RSS (all its processes) at start and end.
-Model: SpinalVGG with random weights, 49 classes (speed does not depend on the weights). Uploads are
-28x28 dataset-format PNGs. The load generator (httpx, asyncio) runs on the same cores as the server.
+Load comes from ``wrk`` (a compiled load generator; Debian package ``wrk``) with ``benchmarks/wrk_post.lua``
+posting a prepared multipart body; Python never times a request. In one run, with one random-weight
+SpinalVGG (49 classes; speed does not depend on the weights):
+
+(a) raw ONNX Runtime: batch-1 latency and batched throughput, at 1 and 2 intra-op threads;
+(b) three servers started side by side, each on 127.0.0.1, measured in turn at each load point so that
+    their ratios see the same machine: the service (``bentoml serve service:Kuzushiji``), the lean anchor
+    (benchmarks/lean_server.py: one Starlette process, the same parsing, decoding and micro-batcher, no
+    framework) and the seed-style app (benchmarks/fastapi_baseline.py: FastAPI, eager PyTorch per
+    request); ``predict`` at 1, 32 and 64 connections;
+(c) the service's ``predict_batch`` (32 images a request, 4 connections) against (a);
+(d) the service at 64 connections for --soak seconds: every error wrk sees, and the RSS of all the
+    service's processes at the start and the end;
+(e) alternatives of the service at 32 connections (other thread and worker counts, BentoML's default
+    tracing and access log), each alone.
+
+Writes the JSON result and the generated part of benchmarks/SERVE.md (between its result markers).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import datetime as dt
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
-import httpx
 import numpy as np
 import psutil
+import yaml
 
 from pipeline.config import load_settings
+from pipeline.contract import CLASSMAP_FILE, META_FILE, ONNX_FILE, ONNX_INPUT, onnx_session
 from tests.support import PROJECT_ROOT, background_process, free_port
 
-BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
-CONCURRENCY = (1, 8, 32, 64)
-BATCH_REQUEST_IMAGES = 32
-SOAK_CLIENTS = 64
 NUM_CLASSES = 49
-RAW_SECONDS_PER_POINT = 3.0
-TARGET_THROUGHPUT_VS_RAW = 0.7
-TARGET_VS_BASELINE = 3.0
-TARGET_P50_FACTOR, TARGET_P50_SLACK_MS = 2.0, 3.0
+CONCURRENCY = (1, 32, 64)
+BATCH_REQUEST_IMAGES, BATCH_CONNECTIONS = 32, 4
+SOAK_CONNECTIONS = 64
+RAW_BATCHES = (1, 8, 32, 64, 128)
+RAW_SECONDS_PER_POINT = 2.0
+WARMUP_SECONDS = 3
+WRK_TIMEOUT = "30s"  # wrk's default (2 s) would count slow answers as errors; the service's own limit is 30 s
+BOUNDARY = "kuzushijibenchboundary"
+LUA = PROJECT_ROOT / "benchmarks" / "wrk_post.lua"
+RESULTS_BEGIN, RESULTS_END = (
+    "<!-- benchmark results: begin (written by benchmarks/serve.py) -->",
+    "<!-- benchmark results: end -->",
+)
+# Targets (issue 11), checked on ratios measured in the same run.
+VS_LEAN_MIN, VS_SEED_MIN = 0.9, 2.0
+P99_C32_MAX_MS, P99_C64_MAX_MS = 150.0, 300.0
+P50_C1_VS_LEAN_MAX = 1.2
+BATCH_VS_RAW_MIN = 0.8
+RSS_GROWTH_MAX = 0.10  # "flat": the soak's end within 10% of its start
 
 
-def build_model(work: Path) -> tuple[Path, Path]:
-    """Random-weight SpinalVGG -> state dict (baseline) + ONNX/classmap/meta (service)."""
+# ------------------------------------------------------------------------------------- inputs
+
+
+def build_model(work: Path) -> Path:
+    """Random-weight SpinalVGG -> ``state.pt`` (seed-style app) and the service's ONNX/classmap/meta."""
     import torch
 
     from pipeline.data import OFFICIAL_CLASSMAPS
@@ -54,177 +83,486 @@ def build_model(work: Path) -> tuple[Path, Path]:
 
     torch.manual_seed(0)
     model = SpinalVGG(NUM_CLASSES).eval()
-    weights = work / "state.pt"
-    torch.save(model.state_dict(), weights)
+    torch.save(model.state_dict(), work / "state.pt")
     example = np.random.default_rng(0).integers(0, 256, (4, 1, 28, 28)).astype(np.float32)
-    export_onnx(model, work / "model.onnx", example)
+    export_onnx(model, work / ONNX_FILE, example)
     classmap = OFFICIAL_CLASSMAPS["k49"]
-    rows = [f"{i},{cp},{ch}" for i, (cp, ch) in enumerate(zip(classmap.codepoints, classmap.chars, strict=True))]
-    (work / "classmap.csv").write_text("index,codepoint,char\n" + "\n".join(rows) + "\n", encoding="utf-8")
-    (work / "meta.json").write_text(json.dumps({"dataset": "benchmark", "run_id": None}), encoding="utf-8")
-    return weights, work / "model.onnx"
-
-
-def raw_engine(onnx_path: Path, threads: int) -> dict:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    single = rng.integers(0, 256, (1, 1, 28, 28)).astype(np.float32)
-    for _ in range(20):
-        session.run(None, {"images": single})
-    latencies = []
-    for _ in range(300):
-        start = time.perf_counter()
-        session.run(None, {"images": single})
-        latencies.append((time.perf_counter() - start) * 1000)
-    throughput = {}
-    for batch in BATCHES:
-        x = rng.integers(0, 256, (batch, 1, 28, 28)).astype(np.float32)
-        session.run(None, {"images": x})
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < RAW_SECONDS_PER_POINT:
-            session.run(None, {"images": x})
-            count += batch
-        throughput[batch] = count / (time.perf_counter() - start)
-    best = max(throughput, key=throughput.get)
-    return {"batch1_p50_ms": statistics.median(latencies), "batch1_p99_ms": float(np.percentile(latencies, 99)),
-            "throughput_img_s": {str(k): round(v, 1) for k, v in throughput.items()},
-            "best_batch": best, "best_throughput_img_s": round(throughput[best], 1)}
+    rows = [
+        f"{i},{cp},{ch}" for i, (cp, ch) in enumerate(zip(classmap.codepoints, classmap.chars, strict=True))
+    ]
+    (work / CLASSMAP_FILE).write_text("index,codepoint,char\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    (work / META_FILE).write_text(json.dumps({"dataset": "benchmark", "run_id": None}), encoding="utf-8")
+    return work / "state.pt"
 
 
 def glyph_png(seed: int = 0) -> bytes:
+    """A 28x28 dataset-format PNG of a rendered character (what the page and most clients send)."""
     from PIL import Image
 
     from tests.bad_inputs import encode, ink
 
-    glyph = np.clip(ink("ぬ", side=28, font_frac=0.85) + np.random.default_rng(seed).normal(0, 3, (28, 28)), 0, 255)
+    glyph = np.clip(
+        ink("ぬ", side=28, font_frac=0.85) + np.random.default_rng(seed).normal(0, 3, (28, 28)), 0, 255
+    )
     return encode(Image.fromarray(glyph.astype(np.uint8)))
 
 
-async def load(url: str, path: str, clients: int, seconds: float, files_for) -> dict:
-    """``clients`` tasks, each sending requests back to back for ``seconds``."""
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as client:
+def multipart_body(field: str, files: list[bytes]) -> bytes:
+    body = b""
+    for index, data in enumerate(files):
+        body += (
+            (
+                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="{index}.png"\r\n'
+                "Content-Type: image/png\r\n\r\n"
+            ).encode()
+            + data
+            + b"\r\n"
+        )
+    return body + f"--{BOUNDARY}--\r\n".encode()
 
-        async def worker() -> None:
-            while time.perf_counter() < deadline:
-                start = time.perf_counter()
-                try:
-                    response = await client.post(path, files=files_for())
-                    if response.status_code != 200:
-                        errors[str(response.status_code)] = errors.get(str(response.status_code), 0) + 1
-                        continue
-                except httpx.HTTPError as exc:
-                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                    continue
-                latencies.append((time.perf_counter() - start) * 1000)
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        elapsed = time.perf_counter() - started
-    return {"clients": clients, "requests": len(latencies), "errors": errors,
-            "p50_ms": round(statistics.median(latencies), 2) if latencies else None,
-            "p99_ms": round(float(np.percentile(latencies, 99)), 2) if latencies else None,
-            "requests_s": round(len(latencies) / elapsed, 1)}
+# ------------------------------------------------------------------------------------- measuring
+
+
+def raw_engine(onnx_path: Path, threads: int) -> dict[str, Any]:
+    """ONNX Runtime alone: batch-1 latency and images/s per batch size."""
+    session = onnx_session(onnx_path, threads)
+    rng = np.random.default_rng(0)
+    single = rng.integers(0, 256, (1, 1, 28, 28)).astype(np.float32)
+    for _ in range(20):
+        session.run(None, {ONNX_INPUT: single})
+    latencies = []
+    for _ in range(300):
+        start = time.perf_counter()
+        session.run(None, {ONNX_INPUT: single})
+        latencies.append((time.perf_counter() - start) * 1000)
+    throughput = {}
+    for batch in RAW_BATCHES:
+        x = rng.integers(0, 256, (batch, 1, 28, 28)).astype(np.float32)
+        session.run(None, {ONNX_INPUT: x})
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < RAW_SECONDS_PER_POINT:
+            session.run(None, {ONNX_INPUT: x})
+            count += batch
+        throughput[batch] = count / (time.perf_counter() - start)
+    best = max(throughput, key=throughput.__getitem__)
+    return {
+        "threads": threads,
+        "batch1_p50_ms": round(statistics.median(latencies), 3),
+        "throughput_img_s": {str(k): round(v, 1) for k, v in throughput.items()},
+        "best_batch": best,
+        "best_throughput_img_s": round(throughput[best], 1),
+    }
+
+
+def wrk(url: str, body_file: Path, connections: int, seconds: float) -> dict[str, Any]:
+    """One wrk run (one thread: the load generator shares the server's cores and should take little)."""
+    command = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds:g}s",
+        f"--timeout={WRK_TIMEOUT}",
+        "-s",
+        str(LUA),
+        url,
+        "--",
+        str(body_file),
+        f"multipart/form-data; boundary={BOUNDARY}",
+    ]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    raw = json.loads(output.strip().splitlines()[-1])
+    errors = {
+        kind: raw[kind] for kind in ("connect_errors", "read_errors", "write_errors", "non_2xx", "timeouts")
+    }
+    seconds_run = raw["duration_us"] / 1e6
+    return {
+        "connections": connections,
+        "seconds": round(seconds_run, 2),
+        "requests": raw["requests"],
+        "requests_s": round(raw["requests"] / seconds_run, 1),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "p50_ms": round(raw["p50_us"] / 1000, 2),
+        "p90_ms": round(raw["p90_us"] / 1000, 2),
+        "p99_ms": round(raw["p99_us"] / 1000, 2),
+        "max_ms": round(raw["max_us"] / 1000, 2),
+    }
 
 
 def tree_rss_mb(pid: int) -> float:
     root = psutil.Process(pid)
     processes = [root, *root.children(recursive=True)]
-    return round(sum(p.memory_info().rss for p in processes if p.is_running()) / 2**20, 1)
+    total = 0
+    for process in processes:
+        with suppress(psutil.NoSuchProcess):
+            total += process.memory_info().rss
+    return round(total / 2**20, 1)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per load point")
-    parser.add_argument("--soak", type=float, default=60.0, help="seconds of the 64-client soak")
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results" / "serve_cpu.json")
-    args = parser.parse_args()
-    serve = load_settings().serve
-    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    weights, onnx_path = build_model(work)
-    env = {"BENTOML_HOME": str(work / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
-    subprocess.run([sys.executable, "-m", "pipeline.bento", "store", "--onnx", str(onnx_path), "--classmap",
-                    str(work / "classmap.csv"), "--meta", str(work / "meta.json"), "--registry-version", "0"],
-                   cwd=PROJECT_ROOT, env={**os.environ, **env}, check=True, capture_output=True)
-    print("raw engine ...", flush=True)
-    results: dict = {"raw_onnxruntime": raw_engine(onnx_path, serve.threads)}
-    print(results["raw_onnxruntime"], flush=True)
-    png = glyph_png()
-    single = lambda: {"image": ("g.png", png, "image/png")}  # noqa: E731
-    batch = lambda: [("images", (f"{i}.png", png, "image/png")) for i in range(BATCH_REQUEST_IMAGES)]  # noqa: E731
+# ------------------------------------------------------------------------------------- servers
 
+
+def write_params(work: Path, name: str, **serve: Any) -> Path:
+    """params.yaml with some serve.* keys replaced, for one variant of the service."""
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params["serve"].update(serve)
+    path = work / f"params-{name}.yaml"
+    path.write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+@contextmanager
+def service(work: Path, name: str, env: dict[str, str]) -> Iterator[tuple[str, int]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     bentoml_cli = str(Path(sys.executable).with_name("bentoml"))
-    with background_process([bentoml_cli, "serve", "service:Kuzushiji", "--host", "127.0.0.1", "--port", str(port)],
-                            ready_url=f"{url}/readyz", env=env, cwd=PROJECT_ROOT, log_path=work / "bento.log") as proc:
-        asyncio.run(load(url, "/predict", 8, 3.0, single))  # warm-up (and the dispatcher's training)
-        service = {}
-        for clients in CONCURRENCY:
-            service[f"predict_c{clients}"] = asyncio.run(load(url, "/predict", clients, args.duration, single))
-            print(service[f"predict_c{clients}"], flush=True)
-        point = asyncio.run(load(url, "/predict_batch", 4, args.duration, batch))
-        point["images_s"] = round(point["requests_s"] * BATCH_REQUEST_IMAGES, 1)
-        service[f"predict_batch{BATCH_REQUEST_IMAGES}_c4"] = point
-        print(point, flush=True)
-        rss_start = tree_rss_mb(proc.pid)
-        soak = asyncio.run(load(url, "/predict", SOAK_CLIENTS, args.soak, single))
-        soak.update(rss_start_mb=rss_start, rss_end_mb=tree_rss_mb(proc.pid), seconds=args.soak)
-        service["soak_c64"] = soak
-        print(soak, flush=True)
-    results["bentoml_service"] = service
+    with background_process(
+        [bentoml_cli, "serve", "service:Kuzushiji", "--host", "127.0.0.1", "--port", str(port)],
+        ready_url=f"{url}/readyz",
+        env=env,
+        cwd=PROJECT_ROOT,
+        log_path=work / f"{name}.log",
+    ) as process:
+        yield url, process.pid
 
+
+@contextmanager
+def lean_anchor(work: Path, threads: int) -> Iterator[tuple[str, int]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    base_env = {"KUZUSHIJI_BASELINE_WEIGHTS": str(weights), "KUZUSHIJI_BASELINE_CLASSES": str(NUM_CLASSES),
-                "KUZUSHIJI_BASELINE_THREADS": str(serve.threads)}
-    with background_process([sys.executable, "-m", "uvicorn", "benchmarks.fastapi_baseline:app", "--host",
-                             "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                            ready_url=f"{url}/docs", env=base_env, cwd=PROJECT_ROOT, log_path=work / "base.log"):
-        asyncio.run(load(url, "/predict", 8, 3.0, single))
-        baseline = {f"predict_c{c}": asyncio.run(load(url, "/predict", c, args.duration, single)) for c in (1, 32)}
-        print(baseline, flush=True)
-    results["fastapi_baseline"] = baseline
+    env = {"KUZUSHIJI_LEAN_MODEL_DIR": str(work), "KUZUSHIJI_LEAN_THREADS": str(threads)}
+    with background_process(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "benchmarks.lean_server:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        ready_url=f"{url}/readyz",
+        env=env,
+        cwd=PROJECT_ROOT,
+        log_path=work / "lean.log",
+    ) as process:
+        yield url, process.pid
 
-    raw = results["raw_onnxruntime"]
-    c1, c32 = service["predict_c1"], service["predict_c32"]
-    results["targets"] = {
-        "predict_c32_vs_raw_best": {"ratio": round(c32["requests_s"] / raw["best_throughput_img_s"], 3),
-                                    "target": TARGET_THROUGHPUT_VS_RAW},
-        "predict_c32_vs_baseline_c32": {"ratio": round(c32["requests_s"] / baseline["predict_c32"]["requests_s"], 3),
-                                        "target": TARGET_VS_BASELINE},
-        "predict_c1_p50_ms": {"value": c1["p50_ms"], "limit": round(TARGET_P50_FACTOR * raw["batch1_p50_ms"]
-                                                                    + TARGET_P50_SLACK_MS, 2)},
+
+@contextmanager
+def seed_style(work: Path, weights: Path, threads: int) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "KUZUSHIJI_BASELINE_WEIGHTS": str(weights),
+        "KUZUSHIJI_BASELINE_CLASSES": str(NUM_CLASSES),
+        "KUZUSHIJI_BASELINE_THREADS": str(threads),
     }
-    for target in results["targets"].values():
-        target["holds"] = (target["ratio"] >= target["target"]) if "ratio" in target else (target["value"] <= target["limit"])
+    with background_process(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "benchmarks.fastapi_baseline:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        ready_url=f"{url}/docs",
+        env=env,
+        cwd=PROJECT_ROOT,
+        log_path=work / "seed.log",
+    ) as process:
+        yield url, process.pid
+
+
+# ------------------------------------------------------------------------------------- the run
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get install -y wrk (Debian package), then run again")
+    serve = load_settings().serve
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    weights = build_model(work)
+    bento_env = {"BENTOML_HOME": str(work / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.bento",
+            "store",
+            "--onnx",
+            str(work / ONNX_FILE),
+            "--classmap",
+            str(work / CLASSMAP_FILE),
+            "--meta",
+            str(work / META_FILE),
+            "--registry-version",
+            "0",
+        ],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **bento_env},
+        check=True,
+        capture_output=True,
+    )
+    single = work / "single.body"
+    single.write_bytes(multipart_body("image", [glyph_png()]))
+    batch = work / "batch.body"
+    batch.write_bytes(multipart_body("images", [glyph_png(seed) for seed in range(BATCH_REQUEST_IMAGES)]))
+    results: dict[str, Any] = {"load_average_before": [round(x, 2) for x in os.getloadavg()]}
+
+    print("raw engine ...", flush=True)
+    results["raw_onnxruntime"] = {f"threads_{t}": raw_engine(work / ONNX_FILE, t) for t in (1, 2)}
+    print(json.dumps(results["raw_onnxruntime"]), flush=True)
+
+    servers: dict[str, dict[str, Any]] = {"service": {}, "lean_anchor": {}, "seed_style": {}}
+    with ExitStack() as stack:
+        urls = {
+            "service": stack.enter_context(service(work, "service", bento_env)),
+            "lean_anchor": stack.enter_context(lean_anchor(work, serve.threads)),
+            "seed_style": stack.enter_context(seed_style(work, weights, serve.threads)),
+        }
+        for url, _ in urls.values():
+            wrk(f"{url}/predict", single, 8, WARMUP_SECONDS)
+        for connections in CONCURRENCY:  # each point measured on all three servers back to back
+            for name, (url, _) in urls.items():
+                point = wrk(f"{url}/predict", single, connections, args.duration)
+                servers[name][f"predict_c{connections}"] = point
+                print(name, json.dumps(point), flush=True)
+        url, pid = urls["service"]
+        point = wrk(f"{url}/predict_batch", batch, BATCH_CONNECTIONS, args.duration)
+        point["images_s"] = round(point["requests_s"] * BATCH_REQUEST_IMAGES, 1)
+        servers["service"][f"predict_batch{BATCH_REQUEST_IMAGES}_c{BATCH_CONNECTIONS}"] = point
+        print("service predict_batch", json.dumps(point), flush=True)
+        rss_start = tree_rss_mb(pid)
+        soak = wrk(f"{url}/predict", single, SOAK_CONNECTIONS, args.soak)
+        soak.update(rss_start_mb=rss_start, rss_end_mb=tree_rss_mb(pid))
+        servers["service"]["soak_c64"] = soak
+        print("service soak", json.dumps(soak), flush=True)
+    results["servers"] = servers
+
+    if args.alternatives:
+        results["alternatives"] = alternatives(work, bento_env, single, batch, args.duration, serve.threads)
+    results["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    results["targets"] = targets(results, serve.threads)
     results["machine"] = {
-        "cpu": platform.processor() or _cpu_model(), "logical_cores": os.cpu_count(), "python": platform.python_version(),
-        "gpu": None, "serve_threads": serve.threads, "max_batch_size": serve.max_batch_size,
-        "max_latency_ms": serve.max_latency_ms,
-        "note": "load generator, API process and engine process share the same cores; other jobs may run",
+        "cpu": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "gpu": None,
+        "serve_threads": serve.threads,
+        "max_batch_size": serve.max_batch_size,
+        "load_generator": "wrk, 1 thread, on the same cores as the servers",
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(results["targets"], indent=2))
-    return 0
+    return results
+
+
+def alternatives(
+    work: Path, bento_env: dict[str, str], single: Path, batch: Path, seconds: float, threads: int
+) -> dict[str, Any]:
+    """Other ways to run the same service, each alone at 32 connections (and predict_batch)."""
+    other_threads = 2 if threads == 1 else 1
+    variants = {
+        f"threads={other_threads}": {
+            "KUZUSHIJI_PARAMS": str(write_params(work, "threads", threads=other_threads))
+        },
+        "workers=2, threads=1": {
+            "KUZUSHIJI_PARAMS": str(write_params(work, "workers", threads=1)),
+            "BENTOML_CONFIG_OPTIONS": "services.kuzushiji.workers=2",
+        },
+        "BentoML default tracing and access log": {
+            "BENTOML_CONFIG_OPTIONS": "services.kuzushiji.logging.access.enabled=true "
+            "services.kuzushiji.tracing.excluded_urls=/livez"
+        },
+    }
+    measured = {}
+    for name, extra in variants.items():
+        with service(work, f"variant-{len(measured)}", {**bento_env, **extra}) as (url, _):
+            wrk(f"{url}/predict", single, 8, WARMUP_SECONDS)
+            point = wrk(f"{url}/predict", single, 32, seconds)
+            batch_point = wrk(f"{url}/predict_batch", batch, BATCH_CONNECTIONS, seconds)
+            point["predict_batch_images_s"] = round(batch_point["requests_s"] * BATCH_REQUEST_IMAGES, 1)
+            measured[name] = point
+            print("alternative", name, json.dumps(point), flush=True)
+    return measured
+
+
+def targets(results: dict[str, Any], threads: int) -> dict[str, Any]:
+    service_points, lean, seed = (results["servers"][k] for k in ("service", "lean_anchor", "seed_style"))
+    raw = results["raw_onnxruntime"][f"threads_{threads}"]
+    batch = service_points[f"predict_batch{BATCH_REQUEST_IMAGES}_c{BATCH_CONNECTIONS}"]
+    soak = service_points["soak_c64"]
+    checks = {
+        "c32 throughput vs lean": (
+            service_points["predict_c32"]["requests_s"] / lean["predict_c32"]["requests_s"],
+            ">=",
+            VS_LEAN_MIN,
+        ),
+        "c32 throughput vs seed-style": (
+            service_points["predict_c32"]["requests_s"] / seed["predict_c32"]["requests_s"],
+            ">=",
+            VS_SEED_MIN,
+        ),
+        "c32 p99 ms": (service_points["predict_c32"]["p99_ms"], "<=", P99_C32_MAX_MS),
+        "c64 throughput vs lean": (
+            service_points["predict_c64"]["requests_s"] / lean["predict_c64"]["requests_s"],
+            ">=",
+            VS_LEAN_MIN,
+        ),
+        "c64 p99 ms": (service_points["predict_c64"]["p99_ms"], "<=", P99_C64_MAX_MS),
+        "c1 p50 vs lean": (
+            service_points["predict_c1"]["p50_ms"] / lean["predict_c1"]["p50_ms"],
+            "<=",
+            P50_C1_VS_LEAN_MAX,
+        ),
+        f"predict_batch vs raw engine ({threads} thread(s), best batch)": (
+            batch["images_s"] / raw["best_throughput_img_s"],
+            ">=",
+            BATCH_VS_RAW_MIN,
+        ),
+        "soak errors (64 connections)": (soak["errors"], "<=", 0),
+        "soak RSS growth": (
+            (soak["rss_end_mb"] - soak["rss_start_mb"]) / soak["rss_start_mb"],
+            "<=",
+            RSS_GROWTH_MAX,
+        ),
+    }
+    return {
+        name: {
+            "measured": round(value, 3),
+            "target": f"{op} {limit}",
+            "holds": value >= limit if op == ">=" else value <= limit,
+        }
+        for name, (value, op, limit) in checks.items()
+    }
+
+
+# ------------------------------------------------------------------------------------- report
+
+
+def markdown(results: dict[str, Any]) -> str:
+    machine, servers = results["machine"], results["servers"]
+    lines = [
+        (
+            f"Run of {machine['date']}: {machine['cpu']}, {machine['logical_cores']} logical cores, no GPU; "
+            f"{machine['load_generator']}; load average {results['load_average_before']} before, "
+            f"{results['load_average_after']} after (other engineers' jobs share this machine)."
+        ),
+        "",
+        "| server | 1 connection | 32 connections | 64 connections |",
+        "|---|---|---|---|",
+    ]
+    labels = {
+        "service": "service (`bentoml serve service:Kuzushiji`)",
+        "lean_anchor": "lean anchor (Starlette, same parsing + micro-batcher, no framework)",
+        "seed_style": "seed-style (FastAPI, eager PyTorch per request)",
+    }
+    for name, label in labels.items():
+        cells = []
+        for connections in CONCURRENCY:
+            point = servers[name][f"predict_c{connections}"]
+            errors = f", **{point['errors']} errors**" if point["errors"] else ""
+            cells.append(
+                f"{point['requests_s']:.0f} req/s, p50 {point['p50_ms']:.1f} ms, p99 {point['p99_ms']:.1f} ms"
+                f"{errors}"
+            )
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    raw = results["raw_onnxruntime"]
+    batch = servers["service"][f"predict_batch{BATCH_REQUEST_IMAGES}_c{BATCH_CONNECTIONS}"]
+    soak = servers["service"]["soak_c64"]
+    lines += [
+        "",
+        "| measurement | result |",
+        "|---|---|",
+    ]
+    for engine in raw.values():
+        lines.append(
+            f"| raw ONNX Runtime, {engine['threads']} thread(s) | batch 1 p50 "
+            f"{engine['batch1_p50_ms']:.2f} ms; best {engine['best_throughput_img_s']:.0f} img/s "
+            f"(batch {engine['best_batch']}) |"
+        )
+    error_kinds = ", ".join(f"{kind} {count}" for kind, count in soak["error_kinds"].items())
+    lines += [
+        (
+            f"| service `predict_batch`, {BATCH_REQUEST_IMAGES} images a request, {BATCH_CONNECTIONS} "
+            f"connections | {batch['images_s']:.0f} img/s, p50 {batch['p50_ms']:.1f} ms, "
+            f"p99 {batch['p99_ms']:.1f} ms |"
+        ),
+        (
+            f"| soak: service `predict`, {SOAK_CONNECTIONS} connections, {soak['seconds']:.0f} s | "
+            f"{soak['requests']:,} requests, {soak['requests_s']:.0f} req/s, p99 {soak['p99_ms']:.1f} ms, "
+            f"**{soak['errors']} errors** ({error_kinds}); RSS {soak['rss_start_mb']} MB -> "
+            f"{soak['rss_end_mb']} MB |"
+        ),
+    ]
+    if "alternatives" in results:
+        lines += [
+            "",
+            "Alternatives of the service, each alone, 32 connections:",
+            "",
+            "| variant | predict | predict_batch |",
+            "|---|---|---|",
+        ]
+        default = servers["service"]["predict_c32"]
+        lines.append(
+            f"| as committed (workers=1, threads={machine['serve_threads']}) | {default['requests_s']:.0f} "
+            f"req/s, p99 {default['p99_ms']:.1f} ms (side by side above) | {batch['images_s']:.0f} img/s |"
+        )
+        for name, point in results["alternatives"].items():
+            lines.append(
+                f"| {name} | {point['requests_s']:.0f} req/s, p99 {point['p99_ms']:.1f} ms | "
+                f"{point['predict_batch_images_s']:.0f} img/s |"
+            )
+    lines += ["", "| target | measured | holds? |", "|---|---|---|"]
+    for name, target in results["targets"].items():
+        lines.append(
+            f"| {name} {target['target']} | {target['measured']} | {'yes' if target['holds'] else '**no**'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, table: str) -> None:
+    text = path.read_text(encoding="utf-8") if path.exists() else f"{RESULTS_BEGIN}\n{RESULTS_END}\n"
+    if RESULTS_BEGIN not in text or RESULTS_END not in text:
+        text += f"\n{RESULTS_BEGIN}\n{RESULTS_END}\n"
+    head, rest = text.split(RESULTS_BEGIN, 1)
+    _, tail = rest.split(RESULTS_END, 1)
+    path.write_text(f"{head}{RESULTS_BEGIN}\n{table}{RESULTS_END}{tail}", encoding="utf-8")
 
 
 def _cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
-    return "unknown"
+    return platform.processor() or "unknown"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per load point")
+    parser.add_argument("--soak", type=float, default=60.0, help="seconds of the 64-connection soak")
+    parser.add_argument(
+        "--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results" / "serve_cpu.json"
+    )
+    parser.add_argument("--markdown", type=Path, default=PROJECT_ROOT / "benchmarks" / "SERVE.md")
+    parser.add_argument("--no-alternatives", dest="alternatives", action="store_false")
+    args = parser.parse_args()
+    results = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_markdown(args.markdown, markdown(results))
+    print(json.dumps(results["targets"], indent=2))
+    return 0
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ def test_ops_endpoints(server):
     text = metrics.text
     assert "bentoml_service_request_duration_seconds" in text
     assert "kuzushiji_images_total" in text and "kuzushiji_request_images" in text
-    assert "adaptive_batch_size" in text  # the engine's batch-size histogram
+    assert "kuzushiji_engine_batch_images" in text  # the micro-batcher's images per ONNX Runtime run
     docs = client.get("/docs.json").json()
     assert "/predict" in docs["paths"] and "/predict_batch" in docs["paths"]
 
