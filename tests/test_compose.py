@@ -36,8 +36,8 @@ OVERRIDES = {
 def _resolved(extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """compose.yaml as podman-compose resolves it (variables filled in, every profile)."""
     env = {key: value for key, value in os.environ.items() if key not in OVERRIDES}
-    command = [str(Path(sys.executable).parent / "podman-compose"), "-f", str(COMPOSE_FILE), "--profile", "serve",
-               "--dry-run", "config"]
+    command = [str(Path(sys.executable).parent / "podman-compose"), "-f", str(COMPOSE_FILE),
+               "--profile", "serve", "--dry-run", "config"]
     result = subprocess.run(command, env={**env, **(extra_env or {})}, capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
