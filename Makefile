@@ -25,7 +25,7 @@ POOL ?= kuzushiji-process
 WORKERS ?= 1
 PORT ?= 3000
 
-.PHONY: help venv run test lock mlflow-ui prefect-ui prefect-stop prefect-server worker deploy tune serve bento container
+.PHONY: help venv run test lint lock mlflow-ui prefect-ui prefect-stop prefect-server worker deploy tune serve bento container
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -55,6 +55,10 @@ run: $(STAMP) ## the whole pipeline (DATASET=k49|kmnist|synthetic|local [LOCAL_D
 
 test: $(STAMP) ## the test suite, slow end-to-end tests included
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## style and types: ruff (bugbear, simplify, imports, pyupgrade, ...) and mypy (pipeline, flows, service)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 lock: ## re-pin requirements.lock from the current .venv
 	{ echo "# Pinned lock of the full stack (Python 3.11, x86_64). Regenerate: make lock"; \
@@ -102,13 +106,13 @@ SERVICE_IMAGE ?= kuzushiji:latest
 .PHONY: stack-up stack-down stack-deploy stack-serve
 
 stack-up: $(STAMP) ## build the pipeline image; start PostgreSQL, MLflow and Prefect servers and a worker
-	$(COMPOSE) -p $(COMPOSE_PROJECT) up -d --build
+	KUZUSHIJI_PROJECT_DIR=$(CURDIR) $(COMPOSE) -p $(COMPOSE_PROJECT) up -d --build
 
 stack-down: ## stop the stack (named volumes keep the data)
 	$(COMPOSE) -p $(COMPOSE_PROJECT) --profile serve down
 
-stack-deploy: ## register prefect.yaml's deployments from inside the stack's worker
-	$(COMPOSE) -p $(COMPOSE_PROJECT) exec worker prefect --no-prompt deploy --all
+stack-deploy: $(STAMP) ## register prefect.yaml's deployments with the stack's Prefect server
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} $(BIN)/prefect --no-prompt deploy --all
 
 stack-serve: $(STAMP) ## containerize the champion's bento as SERVICE_IMAGE and serve it in the stack
 	$(BIN)/bentoml build

@@ -27,8 +27,8 @@ import torch
 
 from pipeline.config import load_settings
 from pipeline.contract import GLYPH_SIDE
-from pipeline.model import build_model, count_parameters
 from pipeline.loop import load_batch, make_optimizer, make_weight_average, select_device, train_step
+from pipeline.model import build_model, count_parameters
 from pipeline.transforms import BatchAugment
 
 K49_TRAIN_IMAGES = 232_365  # official K49 training set size

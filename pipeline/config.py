@@ -325,7 +325,7 @@ def compose(overrides: Mapping[str, Any] | Sequence[str] = (), conf_dir: Path | 
         raise ConfigError(f"{folder}: cannot compose the settings with {arguments}: {exc}") from None
     values = OmegaConf.to_container(config)
     assert isinstance(values, dict)
-    return values
+    return {str(key): value for key, value in values.items()}
 
 
 def hydra_overrides(values: Mapping[str, Any]) -> list[str]:

@@ -215,7 +215,7 @@ def run(settings: Settings) -> Path:
     manifest_path = raw / MANIFEST_NAME
     if cfg.dataset in OFFICIAL_FILES:
         manifest_path.unlink(missing_ok=True)
-        prefix = cfg.dataset
+        prefix: str = cfg.dataset
         base_url = cfg.base_url or OFFICIAL_BASE_URL.format(dataset=prefix)
         facts = OFFICIAL_FILES[prefix]
         # The cache outlives paths.raw (which DVC deletes before each run of this stage); it is keyed by
@@ -235,7 +235,8 @@ def run(settings: Settings) -> Path:
         folder = cfg.local_dir if cfg.local_dir.is_absolute() else settings.root / cfg.local_dir
         prefix = local_prefix(folder, cfg.local_prefix)
         load_official(folder, prefix)  # validate everything before touching paths.raw
-        incoming = {name: md5_of(folder / name) for name in official_file_names(prefix).values()}
+        incoming: dict[str, str | None] = {name: md5_of(folder / name)
+                                           for name in official_file_names(prefix).values()}
         _keep_official_downloads(raw, incoming, f"the files of {folder}")
         manifest_path.unlink(missing_ok=True)
         for name in official_file_names(prefix).values():
@@ -248,7 +249,7 @@ def run(settings: Settings) -> Path:
         prefix = synthetic.PREFIX
         options = cfg.synthetic
         # The synthetic class map is the official one; every other file differs from a real download.
-        incoming = {name: None for name in official_file_names(prefix).values()}
+        incoming = dict.fromkeys(official_file_names(prefix).values())
         incoming[official_file_names(prefix)["classmap"]] = OFFICIAL_CLASSMAP_MD5[prefix]
         _keep_official_downloads(raw, incoming, "the synthetic set")
         manifest_path.unlink(missing_ok=True)

@@ -92,7 +92,7 @@ def summarize(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[
         "test_balanced_accuracy": round(balanced_accuracy(y_true, y_pred), METRIC_DIGITS),
         "test_accuracy": round(accuracy(y_true, y_pred), METRIC_DIGITS),
         "test_macro_f1": round(macro_f1(y_true, y_pred, num_classes), METRIC_DIGITS),
-        "n_test": int(len(y_true)),
+        "n_test": len(y_true),
     }
 
 

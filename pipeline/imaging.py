@@ -192,7 +192,7 @@ def to_glyph(gray: np.ndarray) -> np.ndarray:
 
 def _border_level(gray: np.ndarray) -> float:
     """Median of a thin band along the four edges: the background (paper) brightness."""
-    band = max(1, int(round(min(gray.shape) * BORDER_FRACTION)))
+    band = max(1, round(min(gray.shape) * BORDER_FRACTION))
     edges = np.concatenate(
         [gray[:band].ravel(), gray[-band:].ravel(), gray[:, :band].ravel(), gray[:, -band:].ravel()]
     )

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -53,8 +53,11 @@ class TrainingDiverged(FloatingPointError):
 
 
 class Labeled(Protocol):
-    images: np.ndarray  # uint8 (N, 28, 28)
-    labels: np.ndarray  # int (N,)
+    @property
+    def images(self) -> np.ndarray: ...  # uint8 (N, 28, 28)
+
+    @property
+    def labels(self) -> np.ndarray: ...  # int (N,)
 
 
 @dataclass(frozen=True)
@@ -205,7 +208,8 @@ def make_weight_average(model: nn.Module, max_decay: float) -> AveragedModel:
     """An exponential moving average of ``model``'s weights and BatchNorm statistics, warmed up per step."""
 
     @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor
+    def update(averaged: list[torch.Tensor] | tuple[torch.Tensor, ...],
+               current: list[torch.Tensor] | tuple[torch.Tensor, ...], num_averaged: torch.Tensor | int
                ) -> None:
         decay = ema_decay_at(int(num_averaged), max_decay)
         if averaged[0].is_floating_point():  # AveragedModel groups the tensors by dtype
@@ -304,7 +308,7 @@ def _logits(model: nn.Module, images: torch.Tensor, batch_size: int, amp: bool, 
         yield window, logits.float()
 
 
-def predict_logits(model: nn.Module, images_uint8: np.ndarray, batch_size: int,
+def predict_logits(model: SpinalVGG, images_uint8: np.ndarray, batch_size: int,
                    device: torch.device | str = "cpu") -> np.ndarray:
     """float32 logits (N, num_classes) of uint8 images (N, 28, 28), in eval mode, float32 throughout."""
     device = torch.device(device)
@@ -315,7 +319,7 @@ def predict_logits(model: nn.Module, images_uint8: np.ndarray, batch_size: int,
         parts = [logits.cpu() for _, logits in _logits(model, images, batch_size, False, False)]
     finally:
         model.train(was_training)
-    return torch.cat(parts).numpy() if parts else np.zeros((0, model.num_classes), np.float32)
+    return torch.cat(parts).numpy() if parts else np.zeros((0, model.num_classes), dtype=np.float32)
 
 
 @torch.no_grad()
@@ -453,7 +457,7 @@ def fit(
     y_train = labels_cpu.to(device)
     x_val = torch.from_numpy(np.ascontiguousarray(val.images)).to(device)
     y_val = torch.from_numpy(np.ascontiguousarray(val.labels, dtype=np.int64)).to(device)
-    step_model = torch.compile(model) if cfg.compile and on_cuda else model
+    step_model = cast(nn.Module, torch.compile(model)) if cfg.compile and on_cuda else model
     eval_model = ema.module if ema is not None else model
     log.info("training SpinalVGG (%d parameters) on %s: %d train / %d val images; batch %d, peak lr %.3g, "
              "%d steps/epoch, %d warm-up steps", count_parameters(model), device, len(y_train), len(y_val),

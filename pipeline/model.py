@@ -47,6 +47,9 @@ def spinal_layer(in_features: int, width: int, dropout: float) -> nn.Sequential:
 
 
 class SpinalVGG(nn.Module):
+    pixel_mean: torch.Tensor  # buffers, registered in __init__
+    pixel_std: torch.Tensor
+
     def __init__(
         self,
         num_classes: int,
@@ -73,7 +76,7 @@ class SpinalVGG(nn.Module):
             in_channels = widths[-1]
         self.features = nn.Sequential(*blocks)
 
-        self.half = FEATURES // 2
+        self.split_at = FEATURES // 2  # (not `half`: that is nn.Module.half())
         # Layer i sees half A (even i) or half B (odd i), plus layer i-1's output from the second on.
         self.spinal = nn.ModuleList(
             spinal_layer(self._half_width(i) + (spinal_width if i else 0), spinal_width, dropout)
@@ -82,13 +85,13 @@ class SpinalVGG(nn.Module):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(SPINAL_LAYERS * spinal_width, num_classes))
 
     def _half_width(self, index: int) -> int:
-        return self.half if index % 2 == 0 else FEATURES - self.half
+        return self.split_at if index % 2 == 0 else FEATURES - self.split_at
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw pixels (N, 1, 28, 28) in 0..255 -> class logits (N, num_classes)."""
         x = normalize(x, self.pixel_mean, self.pixel_std)
         x = self.features(x).flatten(1)
-        a, b = x[:, : self.half], x[:, self.half :]
+        a, b = x[:, : self.split_at], x[:, self.split_at :]
         outputs: list[torch.Tensor] = []
         for index, layer in enumerate(self.spinal):
             half = a if index % 2 == 0 else b  # A, B, A, B: the input arrives gradually

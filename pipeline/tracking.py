@@ -297,7 +297,7 @@ class ManifestDataset(MetaDataset):
 
     def __init__(self, source: DatasetSource, name: str, files: Mapping[str, Mapping[str, Any]],
                  splits: Mapping[str, int]):
-        self._profile = {
+        self._profile: dict[str, dict[str, Any]] = {
             "splits": {key: int(value) for key, value in splits.items()},
             "files": {file: {"md5": str(info.get("md5")), "bytes": int(info.get("bytes", 0))}
                       for file, info in sorted(files.items())},

@@ -36,6 +36,7 @@ import mlflow
 import optuna
 import yaml
 from mlflow.exceptions import MlflowException
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
@@ -122,7 +123,7 @@ def open_storage(settings: Settings) -> optuna.storages.BaseStorage:
             ) from exc
     folder = settings.path("optuna")
     folder.mkdir(parents=True, exist_ok=True)
-    backend = optuna.storages.journal.JournalFileBackend(str(folder / JOURNAL_FILE))
+    backend = JournalFileBackend(str(folder / JOURNAL_FILE))
     return optuna.storages.JournalStorage(backend)
 
 
@@ -476,8 +477,8 @@ def write_reports(settings: Settings, study: optuna.Study | None, name: str) -> 
         "trials_pruned": counts[TrialState.PRUNED],
         "trials_failed": counts[TrialState.FAIL],
         "trials_running": counts[TrialState.RUNNING],
-        f"best_{OBJECTIVE}": study.best_value if params else None,
-        "best_trial": study.best_trial.number if params else None,
+        f"best_{OBJECTIVE}": study.best_value if study and params else None,
+        "best_trial": study.best_trial.number if study and params else None,
         "best_params": params,
     }
     reports = settings.path("reports") / "tune"

@@ -7,7 +7,8 @@ running container's answers against the same model run here with ONNX Runtime.
 ``check`` renders K49 characters with the bundled Japanese font (dark ink on a light, larger canvas, as a
 user would send), posts them to ``/predict`` and ``/predict_batch`` and verifies: HTTP 200, the JSON
 shape, the model version, ``top_k`` entries in descending probability that match the class map, and the
-probabilities of the host's own ONNX Runtime run of the model (same bytes, same preprocessing). It prints
+probabilities of the host's own ONNX Runtime run of the model (same bytes, same preprocessing); and that the
+page at ``/`` (with its files and ``/glyph``) and the OpenAPI page at ``/docs`` are served. It prints
 one JSON summary line and exits non-zero with the reason on the first mismatch.
 """
 
@@ -153,7 +154,8 @@ def check(url: str, tag: str, top_k: int | None = None) -> dict[str, Any]:
 
         names = [f"glyph{i}.png" for i in range(len(files))]
         batch = client.post("/predict_batch", data={"top_k": str(top_k)},
-                            files=[("images", (name, data, "image/png")) for name, data in zip(names, files)])
+                            files=[("images", (name, data, "image/png"))
+                                   for name, data in zip(names, files, strict=True)])
         _expect_ok("/predict_batch", batch, model)
         results = batch.json().get("results")
         if not isinstance(results, list) or [r.get("filename") for r in results] != names:
@@ -161,6 +163,7 @@ def check(url: str, tag: str, top_k: int | None = None) -> dict[str, Any]:
         for i, (result, probabilities) in enumerate(zip(results, expected, strict=True)):
             where = f"/predict_batch results[{i}]"
             check_predictions(where, result.get("predictions"), probabilities, model, top_k)
+        check_page(client, files[0])
     return {
         "model": model.tag,
         "model_version": model.version,
@@ -169,6 +172,30 @@ def check(url: str, tag: str, top_k: int | None = None) -> dict[str, Any]:
         "predict_top1": body["predictions"][0]["char"],
         "batch_top1": [result["predictions"][0]["char"] for result in results],
     }
+
+
+# What the page's files must contain (page/), and the OpenAPI page moved to /docs.
+PAGE_PARTS = (("/", 'id="pad"'), ("/page/page.js", "/predict_batch"), ("/page/page.css", "#pad"),
+              ("/docs", "swagger-ui"))
+
+
+def check_page(client: Any, image: bytes) -> None:
+    """The page at / and its files are served, and /glyph turns ``image`` into a 28x28 PNG."""
+    for path, part in PAGE_PARTS:
+        response = client.get(path)
+        if response.status_code != 200 or part not in response.text:
+            raise CheckFailed(f"{path}: expected HTTP 200 containing {part!r}, got HTTP "
+                              f"{response.status_code}: {response.text[:300]}")
+    glyph = client.post("/glyph", files={"image": ("glyph.png", image, "image/png")})
+    if glyph.status_code != 200 or glyph.headers.get("content-type") != "image/png":
+        raise CheckFailed(f"/glyph: expected a PNG, got HTTP {glyph.status_code}: {glyph.text[:300]}")
+    from PIL import Image
+
+    from pipeline.contract import GLYPH_SIDE
+
+    size = Image.open(io.BytesIO(glyph.content)).size
+    if size != (GLYPH_SIDE, GLYPH_SIDE):
+        raise CheckFailed(f"/glyph: expected a {GLYPH_SIDE}x{GLYPH_SIDE} glyph, got {size}")
 
 
 def _expect_ok(endpoint: str, response: Any, model: HostModel) -> None:

@@ -30,7 +30,7 @@ def _imported_names(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative import
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base])
+                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], base])
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)  # `from pipeline import data`
     return names

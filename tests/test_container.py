@@ -62,8 +62,8 @@ def model_store(make_settings, tmp_path: Path) -> tuple[Path, str]:
     from pipeline.contract import write_classmap
     from pipeline.data import OFFICIAL_CLASSMAPS, LabeledImages
     from pipeline.export import export_onnx
-    from pipeline.synthetic import render_glyph
     from pipeline.loop import fit
+    from pipeline.synthetic import render_glyph
 
     settings = make_settings({"train.epochs": EPOCHS, "train.device": "cpu"})
     classmap = OFFICIAL_CLASSMAPS["k49"]
