@@ -28,7 +28,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 def _prefect(args: list[str], cwd: Path, env: dict[str, str]) -> str:
     result = subprocess.run([str(VENV_BIN / "prefect"), *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=CLI_TIMEOUT_S)
+                            text=True, timeout=CLI_TIMEOUT_S, check=False)
     assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout
 
@@ -46,7 +46,8 @@ def _wait_for(api_url: str, flow_run_id: str, worker_log: Path) -> dict:
 
 def test_deployed_pipeline_runs_on_a_process_worker(prefect_api: str, tmp_path: Path) -> None:
     # No tuning trials here (test_tune.py covers the study): the tune stage writes empty best params.
-    project = copy_project(tmp_path / "project", {"tune.n_trials": 0})
+    # A model of one epoch on tiny data is near chance: no quality floor here (tests/test_registry.py has its own).
+    project = copy_project(tmp_path / "project", {"tune.n_trials": 0, "registry.min_balanced_accuracy": 0.0})
     env = client_env(prefect_api, tmp_path / "prefect-home", BENTOML_HOME=str(tmp_path / "bentoml"))
     env.pop("KUZUSHIJI_PARAMS", None)
 
@@ -66,6 +67,9 @@ def test_deployed_pipeline_runs_on_a_process_worker(prefect_api: str, tmp_path: 
     assert sorted(r["name"] for r in stages) == sorted(
         ["download", "prepare", "tune", "train", "evaluate", "register", "package"])
     assert {r["state_type"] for r in stages} == {"COMPLETED"}
+    # ... and all reported here: no stage process started a temporary server of its own (the worker log
+    # carries the output of the flow run and of DVC's stage processes).
+    assert "Starting temporary server" not in worker_log.read_text(errors="replace")
 
     # The MLflow run and the registered model version exist in the copy's store.
     store = f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"
@@ -79,5 +83,5 @@ def test_deployed_pipeline_runs_on_a_process_worker(prefect_api: str, tmp_path: 
     # DVC is the record: dvc.lock is written and the workspace is up to date.
     assert (project / "dvc.lock").is_file()
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=project, env=env, capture_output=True,
-                            text=True, timeout=CLI_TIMEOUT_S)
+                            text=True, timeout=CLI_TIMEOUT_S, check=False)
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 RUN_TIMEOUT_S = 1800
 STAGES = ["download", "prepare", "tune", "train", "evaluate", "register", "package"]
 # The tuning study is exercised in test_tune.py; here one short trial is enough.
-E2E_CHANGES = {"tune.n_trials": 1, "tune.epochs": 1}
+# A model of one epoch on tiny data is near chance: no quality floor here (tests/test_registry.py has its own).
+E2E_CHANGES = {"tune.n_trials": 1, "tune.epochs": 1, "registry.min_balanced_accuracy": 0.0}
 TEMPORARY_SERVER = "Starting temporary server"  # what Prefect logs each time it starts an ephemeral server
 VENV = VENV_BIN.parent
 
