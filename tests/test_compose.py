@@ -30,6 +30,7 @@ OVERRIDES = {
     "WORKER_MLFLOW_TRACKING_URI": "http://mlflow.internal:5000",
     "PREFECT_UI_API_URL": "http://stack.internal:14200/api",
     "KUZUSHIJI_SERVICE_IMAGE": "registry.internal/kuzushiji:7",
+    "KUZUSHIJI_PROJECT_DIR": "/srv/kuzushiji",
 }
 
 
@@ -93,6 +94,9 @@ def test_addresses_and_secrets_come_from_the_environment() -> None:
     assert services["worker"]["environment"]["MLFLOW_TRACKING_URI"] == OVERRIDES["WORKER_MLFLOW_TRACKING_URI"]
     assert services["prefect-server"]["environment"]["PREFECT_UI_API_URL"] == OVERRIDES["PREFECT_UI_API_URL"]
     assert services["service"]["image"] == OVERRIDES["KUZUSHIJI_SERVICE_IMAGE"]
+    # The worker sees the checkout at the path deployments registered from it change into.
+    assert services["worker"]["working_dir"] == "/srv/kuzushiji"
+    assert "/srv/kuzushiji:/srv/kuzushiji" in services["worker"]["volumes"]
     ports = {name: service["ports"][0] for name, service in services.items() if "ports" in service}
     assert ports == {"postgres": "0.0.0.0:15432:5432", "mlflow": "0.0.0.0:15000:5000",
                      "prefect-server": "0.0.0.0:14200:4200", "service": "0.0.0.0:13000:3000"}
