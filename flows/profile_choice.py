@@ -89,8 +89,8 @@ def estimated_cpu_seconds(stage: str, settings: Any, train_counts: Sequence[int]
     else:
         cfg = settings.train
         epochs = cfg.epochs
-    images = images_used(train_counts, cfg.max_train_per_class)
-    images += VALIDATION_COST * images_used(val_counts, cfg.max_val_per_class)
+    images = (images_used(train_counts, cfg.max_train_per_class)
+              + VALIDATION_COST * images_used(val_counts, cfg.max_val_per_class))
     return epochs * images / (CPU_IMAGES_PER_S_PER_CORE * max(cores, 1))
 
 
