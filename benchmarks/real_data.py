@@ -24,12 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from sklearn.metrics import balanced_accuracy_score
 
 from benchmarks.train_throughput import cpu_model_name
 from pipeline import data, download, evaluate, loop, prepare, train, tune
-from pipeline.config import load_settings
+from pipeline.config import load_settings, write_params
 from pipeline.contract import load_classmap, official_file_names
 from pipeline.model import SpinalVGG, count_parameters
 from pipeline.transforms import BatchAugment
@@ -44,15 +43,11 @@ PLAIN_MAX_LR = 3e-3
 PLAIN_SEED = 0
 
 
-def pipeline_recipe(data_dir: Path, epochs: int, work: Path) -> dict[str, Any]:
+def pipeline_recipe(data_dir: Path, epochs: int, work: Path, device: str) -> dict[str, Any]:
     """The real stages on the ``full`` profile with tuning off and ``epochs`` epochs."""
-    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
-    params["profile"] = "full"
-    params["data"].update({"dataset": "local", "local_dir": str(data_dir.resolve())})
-    params["tune"]["n_trials"] = 0
-    params["train"]["epochs"] = epochs
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
-    settings = load_settings(work / "params.yaml")
+    settings = load_settings(write_params(work / "params.yaml", {
+        "profile": "full", "data.dataset": "local", "data.local_dir": str(data_dir.resolve()),
+        "tune.n_trials": 0, "train.epochs": epochs, "train.device": device}))
     started = time.perf_counter()
     download.run(settings)
     prepare.run(settings)
@@ -77,16 +72,18 @@ def _official_split(data_dir: Path, prefix: str, split: str) -> tuple[np.ndarray
     return images, labels
 
 
-def plain_loop(data_dir: Path, prefix: str, epochs: int, augment_settings: Any) -> dict[str, Any]:
+def plain_loop(data_dir: Path, prefix: str, epochs: int, augment_settings: Any, device: torch.device
+               ) -> dict[str, Any]:
     """SpinalVGG, Adam + one-cycle to 3e-3, batch 64, rotation/translation; last epoch scored."""
     torch.manual_seed(PLAIN_SEED)
     generator = torch.Generator().manual_seed(PLAIN_SEED)
     x_train, y_train = _official_split(data_dir, prefix, "train")
     x_test, y_test = _official_split(data_dir, prefix, "test")
     num_classes = len(load_classmap(data_dir / official_file_names(prefix)["classmap"]))
-    model = SpinalVGG(num_classes, pixel_mean=float(x_train.mean() / 255), pixel_std=float(x_train.std() / 255))
+    model = SpinalVGG(num_classes, pixel_mean=float(x_train.mean() / 255),
+                      pixel_std=float(x_train.std() / 255)).to(device)
     augment = BatchAugment(augment_settings.model_copy(update={"erasing_prob": 0.0}), generator)
-    images, labels = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    images, labels = torch.from_numpy(x_train).to(device), torch.from_numpy(y_train).to(device)
     steps = len(labels) // PLAIN_BATCH
     optimizer = torch.optim.Adam(model.parameters(), lr=PLAIN_MAX_LR)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=PLAIN_MAX_LR, total_steps=epochs * steps)
@@ -95,14 +92,14 @@ def plain_loop(data_dir: Path, prefix: str, epochs: int, augment_settings: Any) 
         model.train()
         order = torch.randperm(len(labels), generator=generator)
         for step in range(steps):
-            index = order[step * PLAIN_BATCH:(step + 1) * PLAIN_BATCH]
+            index = order[step * PLAIN_BATCH:(step + 1) * PLAIN_BATCH].to(device)
             x = augment(images[index].unsqueeze(1).float())
             loss = torch.nn.functional.cross_entropy(model(x), labels[index])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
-    predicted = loop.predict_logits(model, x_test, batch_size=1024).argmax(1)
+    predicted = loop.predict_logits(model, x_test, batch_size=1024, device=device).argmax(1)
     return {
         "test_balanced_accuracy": float(balanced_accuracy_score(y_test, predicted)),
         "test_accuracy": float((predicted == y_test).mean()),
@@ -117,13 +114,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder in the official layout")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "real_data_cpu.json")
     args = parser.parse_args()
+    device = loop.select_device(args.device)
     prefix = data.local_prefix(args.data, None)
     with tempfile.TemporaryDirectory(prefix="real-data-") as scratch:
-        recipe = pipeline_recipe(args.data, args.epochs, Path(scratch))
+        recipe = pipeline_recipe(args.data, args.epochs, Path(scratch), device.type)
         augment_settings = load_settings(Path(scratch) / "params.yaml").augment
-    plain = plain_loop(args.data, prefix, args.epochs, augment_settings)
+    plain = plain_loop(args.data, prefix, args.epochs, augment_settings, device)
     result = {
         "data": str(args.data),
         "epochs": args.epochs,
@@ -132,7 +131,8 @@ def main() -> None:
         "pipeline_minus_plain_points": round(
             100 * (recipe["test_balanced_accuracy"] - plain["test_balanced_accuracy"]), 2),
         "machine": {"cpu": cpu_model_name(), "cores": torch.get_num_threads(), "platform": platform.platform(),
-                    "torch": torch.__version__},
+                    "torch": torch.__version__, "device": str(device),
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -1,7 +1,9 @@
 """`make run DATASET=synthetic` in a temporary copy of the repository, on tiny synthetic params, exactly as a
 newcomer runs it: one Prefect server is started for the run (no temporary server per stage) and every stage
 is a flow run on it, a model version is registered, the run ends with a short summary, and a second
-`make run` reuses the server and has nothing to do. The server is stopped with `make prefect-stop`."""
+`make run` reuses the server and has nothing to do. Then `dvc exp run -S train.epochs=2` trains exactly 2
+epochs and params.yaml and the MLflow run say so, and a changed module re-runs exactly the stages that import
+it. The server is stopped with `make prefect-stop`."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 import httpx
 import mlflow
 import pytest
+import yaml
 
 from tests.prefect_server import VENV_BIN, client_env, copy_project, flow_runs
 from tests.support import free_port
@@ -30,6 +33,11 @@ def _make(target: str, project: Path, env: dict[str, str], *variables: str) -> s
     # `-o` the venv stamp: the copy uses this checkout's venv (a symlink) as installed, never reinstalls.
     return subprocess.run(["make", "-o", ".venv/.installed-stamp", target, *variables], cwd=project, env=env,
                           capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
+
+
+def _dvc(args: list[str], project: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "dvc"), *args], cwd=project, env=env, capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT_S, check=False)
 
 
 def test_make_run_uses_one_prefect_server_and_ends_with_a_summary(tmp_path: Path) -> None:
@@ -80,6 +88,28 @@ def test_make_run_uses_one_prefect_server_and_ends_with_a_summary(tmp_path: Path
         assert "Prefect: using the server already running" in output
         assert "Running stage" not in output and TEMPORARY_SERVER not in output
         assert len(flow_runs(api, "stage")) == len(STAGES)  # nothing re-ran
+
+        # A value from the command line wins over the profile, and the record says what ran.
+        dvc_env = {**env, "PREFECT_API_URL": api, "PATH": f"{VENV_BIN}:{env['PATH']}"}
+        third = _dvc(["exp", "run", "-S", "data.dataset=synthetic", "-S", "profile=quick",
+                      "-S", "train.epochs=2"], project, dvc_env)
+        assert third.returncode == 0, (third.stdout + third.stderr)[-4000:]
+        assert yaml.safe_load((project / "params.yaml").read_text())["train"]["epochs"] == 2
+        trained = json.loads((project / "reports" / "train" / "metrics.json").read_text())
+        assert trained["epochs_run"] == 2
+        run_id = json.loads((project / "models" / "train_run.json").read_text())["run_id"]
+        assert client.get_run(run_id).data.params["train.epochs"] == "2"
+
+        # A code change re-runs exactly the stages that import the changed module.
+        with (project / "pipeline" / "registry.py").open("a", encoding="utf-8") as module:
+            module.write("# changed\n")
+        status = _dvc(["status", "--json"], project, dvc_env)
+        assert status.returncode == 0, status.stderr
+        assert set(json.loads(status.stdout)) == {"register"}
+        with (project / "pipeline" / "files.py").open("a", encoding="utf-8") as module:
+            module.write("# changed\n")  # every stage writes through it
+        status = _dvc(["status", "--json"], project, dvc_env)
+        assert set(json.loads(status.stdout)) == set(STAGES)
     finally:
         stopped = _make("prefect-stop", project, env, f"PREFECT_PORT={port}")
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
