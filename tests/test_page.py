@@ -13,6 +13,7 @@ import io
 import os
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -22,6 +23,7 @@ from pipeline.contract import load_classmap
 from pipeline.imaging import ImageLimits, load_glyph
 from tests.served_model import REGISTRY_VERSION, serve_tiny_model
 from tests.support import PROJECT_ROOT
+from tests.test_container import _checker
 
 pytestmark = pytest.mark.slow
 
@@ -49,8 +51,8 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium; .ci/run does) "
-                    "or set KUZUSHIJI_CHROMIUM")
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium; .ci/run "
+                    "does) or set KUZUSHIJI_CHROMIUM")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield browser
@@ -164,8 +166,9 @@ def _drop(page: Page, selector: str, event: str, files: list[Path]) -> None:
              }
              const target = document.querySelector(selector);
              const init = {bubbles: true, cancelable: true};
-             if (event === 'paste') target.dispatchEvent(new ClipboardEvent('paste', {...init, clipboardData: transfer}));
-             else {
+             if (event === 'paste') {
+               target.dispatchEvent(new ClipboardEvent('paste', {...init, clipboardData: transfer}));
+             } else {
                target.dispatchEvent(new DragEvent('dragover', {...init, dataTransfer: transfer}));
                target.dispatchEvent(new DragEvent('drop', {...init, dataTransfer: transfer}));
              }
@@ -208,16 +211,31 @@ def test_the_page_is_at_the_root_and_the_openapi_page_at_docs(server):
         assert "http://" not in path.read_text() and "https://" not in path.read_text(), path
 
 
-def test_glyph_endpoint_returns_the_preprocessed_glyph_and_the_same_errors(server):
-    client = server["client"]
+def test_the_container_check_sees_the_page(server):
+    """scripts/container_check.py checks a running container's page the same way; it can fail too."""
+    check = _checker()
+    check.check_page(server["client"], _scan_png())
+    stock = httpx.Client(base_url="http://container.test", transport=httpx.MockTransport(
+        lambda request: httpx.Response(200, text="<div id='swagger-ui'></div>")))  # BentoML's page at /
+    with pytest.raises(check.CheckFailed, match="^/: expected HTTP 200 containing 'id=\"pad\"'"):
+        check.check_page(stock, _scan_png())
+
+
+def _scan_png() -> bytes:
     scan = np.full((90, 60), 255, dtype=np.uint8)
     scan[20:70, 25:35] = 0  # one dark vertical stroke on white paper
     buffer = io.BytesIO()
     Image.fromarray(scan).save(buffer, "PNG")
-    response = client.post("/glyph", files={"image": ("stroke.png", buffer.getvalue(), "image/png")})
+    return buffer.getvalue()
+
+
+def test_glyph_endpoint_returns_the_preprocessed_glyph_and_the_same_errors(server):
+    client = server["client"]
+    scan = _scan_png()
+    response = client.post("/glyph", files={"image": ("stroke.png", scan, "image/png")})
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
     glyph = np.asarray(Image.open(io.BytesIO(response.content)))
-    np.testing.assert_array_equal(glyph, load_glyph(buffer.getvalue(), LIMITS))
+    np.testing.assert_array_equal(glyph, load_glyph(scan, LIMITS))
     bad = {"image": ("notes.txt", b"not an image at all", "text/plain")}
     from_glyph, from_predict = client.post("/glyph", files=bad), client.post("/predict", files=bad)
     assert from_glyph.status_code == from_predict.status_code == 422
@@ -237,7 +255,8 @@ def test_a_drawn_character_is_read_as_the_api_reads_it(page, server):
 
 def test_undo_clear_and_an_empty_pad_by_keyboard(page, server):
     pad = page.locator("#pad")
-    second_stroke_middle = "document.getElementById('pad').getContext('2d').getImageData(140, 210, 1, 1).data[0]"
+    second_stroke_middle = ("document.getElementById('pad').getContext('2d')"
+                            ".getImageData(140, 210, 1, 1).data[0]")
     page.locator("#live").uncheck()
     _draw(page, KO)
     assert page.evaluate(second_stroke_middle) == 0  # black ink
@@ -297,7 +316,8 @@ def test_dropped_and_pasted_images_are_read(page, server, tmp_path):
 def test_a_bad_file_shows_the_service_error_as_it_is(page, server, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_bytes(b"this is not an image")
-    expected = server["client"].post("/predict", files={"image": ("notes.txt", notes.read_bytes(), "text/plain")})
+    bad = {"image": ("notes.txt", notes.read_bytes(), "text/plain")}
+    expected = server["client"].post("/predict", files=bad)
     assert expected.status_code == 422
     page.locator("#files").set_input_files(str(notes))
     error = page.locator("#error .message")
@@ -316,8 +336,9 @@ def test_a_bad_file_shows_the_service_error_as_it_is(page, server, tmp_path):
         ("images", ("good.png", good.read_bytes(), "image/png")),
         ("images", ("notes.txt", notes.read_bytes(), "text/plain"))])
     assert batch.status_code == 422 and batch.json()["error"]["index"] == 1
-    assert page.locator("#rows tr").nth(1).locator("td.answer").inner_text() == batch.json()["error"]["message"]
-    assert error.inner_text() == batch.json()["error"]["message"]
+    message = batch.json()["error"]["message"]
+    assert page.locator("#rows tr").nth(1).locator("td.answer").inner_text() == message
+    assert error.inner_text() == message
 
 
 def test_readable_on_a_phone(browser, server, tmp_path):
@@ -350,5 +371,6 @@ def test_screenshot(page, server, tmp_path):
     with Image.open(target) as shot:
         assert shot.width >= 1000 and shot.height >= 600
         # 64 flat colours keep the committed picture a third of the size, with no visible change.
-        small = shot.convert("RGB").quantize(colors=64, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        small = shot.convert("RGB").quantize(colors=64, method=Image.Quantize.MEDIANCUT,
+                                             dither=Image.Dither.NONE)
     small.save(target, optimize=True)
