@@ -74,7 +74,7 @@ MODEL_ENV = "KUZUSHIJI_BENTO_MODEL"  # pin a model tag (name:version); default: 
 _DEFINITION = load_settings().serve
 MODEL_TAG = os.environ.get(MODEL_ENV) or f"{_DEFINITION.bento_model}:latest"
 VERSION_HEADER, TAG_HEADER = "x-model-version", "x-bento-model"
-HOT_ROUTES = ("/predict", "/predict_batch")
+HOT_ROUTES = {"/predict": False, "/predict_batch": True}  # POST path -> is it predict_batch
 # Uploads up to this size are decoded on the event loop (a glyph-sized PNG takes ~0.1 ms: a thread hop
 # would cost as much); larger ones in a worker thread, so a big photo does not stall other requests.
 INLINE_DECODE_BYTES = 64 * 1024
@@ -97,9 +97,7 @@ class Prediction(BaseModel):
 
 
 class ImageResult(BaseModel):
-    filename: str | None = Field(
-        description="the uploaded file's name (multipart) or null", examples=["a.png"]
-    )
+    filename: str | None = Field(description="the uploaded file's name (multipart) or null", examples=["a.png"])
     predictions: list[ClassScore]
 
 
@@ -122,9 +120,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
                 raise body_too_large(limit)
             chunks.append(chunk)
     except ClientDisconnect:
-        raise RequestRejected(
-            400, "client_disconnected", "the client closed the connection mid-upload"
-        ) from None
+        raise RequestRejected(400, "client_disconnected", "the client closed the connection mid-upload") from None
     return b"".join(chunks)
 
 
@@ -134,11 +130,7 @@ async def _receive(request: Request, batch: bool) -> ParsedRequest | RequestReje
     content_type = request.headers.get("content-type")
     try:
         body = await _read_body(request, body_limit(content_type, batch, limits))
-        return (
-            predict_batch_request(body, content_type, limits)
-            if batch
-            else predict_request(body, content_type)
-        )
+        return predict_batch_request(body, content_type, limits) if batch else predict_request(body, content_type)
     except RequestRejected as rejected:
         return rejected
 
@@ -230,6 +222,29 @@ class ModelVersionHeaders:
         await self.app(scope, receive, stamped)
 
 
+class ServeHotRoutes:
+    """ASGI middleware: answer ``POST /predict`` and ``/predict_batch`` here, ahead of BentoML's generic
+    API dispatch (input-model construction, signature binding, dependency lookups per request: about a
+    third of a millisecond of CPU, measured in benchmarks/SERVE.md, on a budget of ~2.5 ms a request).
+
+    The routes stay declared with ``@bentoml.api`` on the service (OpenAPI spec, the /docs page, BentoML
+    clients) and give the same answer (``Kuzushiji.answer``); BentoML's outer middlewares (request
+    metrics, timeout, concurrency limit) still wrap them. Any other request goes on to BentoML.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        batch = HOT_ROUTES.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if batch is None:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        response = await bentoml.get_current_service().answer(await _receive(request, batch), batch)
+        await response(scope, receive, send)
+
+
 # --------------------------------------------------------------------------------- plain web routes
 
 
@@ -282,10 +297,11 @@ _ENGINE_BATCH = bentoml.metrics.Histogram(
 @bentoml.asgi_app(Starlette(routes=WEB_ROUTES), path="/")
 @bentoml.service(
     name="kuzushiji",
-    # One process owns the cores: its event loop parses and decodes while ONNX Runtime (serve.threads
-    # intra-op threads) runs the previous batch. More workers pay off only with more cores
-    # (BENTOML_CONFIG_OPTIONS="services.kuzushiji.workers=N"; see benchmarks/SERVE.md).
-    workers=1,
+    # One worker process per core (in a container: per core of its CPU quota). Each is the whole service:
+    # its event loop parses and decodes while its ONNX Runtime session (serve.threads intra-op threads)
+    # runs the previous batch, so no core waits on another process. One event loop alone cannot keep 2
+    # cores busy (benchmarks/SERVE.md). Override: BENTOML_CONFIG_OPTIONS="services.kuzushiji.workers=N".
+    workers="cpu_count",
     traffic={"timeout": _DEFINITION.request_timeout_s},
     metrics={"enabled": True},
     # Per-request costs that do not serve the answer, measured in benchmarks/SERVE.md: an OpenTelemetry
@@ -322,9 +338,7 @@ class Kuzushiji:
         )
         session = onnx_session(Path(self.model.path_of(ONNX_FILE)), serve.threads)
         engine = partial(_classify, session)
-        engine(
-            np.zeros((1, GLYPH_SIDE, GLYPH_SIDE), dtype=np.uint8)
-        )  # warm-up: allocate once, before the first request
+        engine(np.zeros((1, GLYPH_SIDE, GLYPH_SIDE), dtype=np.uint8))  # warm-up: allocate once, now
         self.batcher = MicroBatcher(engine, serve.max_batch_size, on_batch=_ENGINE_BATCH.observe)
         # Large uploads are decoded in threads; at most serve.threads at once, the rest wait.
         self.decoders = anyio.CapacityLimiter(serve.threads)
@@ -332,47 +346,37 @@ class Kuzushiji:
     @bentoml.api(route="/predict", input_spec=PredictInput)
     async def predict(self, image: Any, top_k: Any = None) -> Prediction:
         """Classify one image file; returns the top-k classes with their probabilities."""
-        try:
-            request = _accepted(image)
-            k = parse_top_k(request.top_k, len(self.classmap), self.limits.default_top_k)
-            glyphs = await self._glyphs(request, batch=False)
-            probabilities = await self.batcher.run(glyphs)
-        except RequestRejected as rejected:
-            _IMAGES.labels(endpoint="predict", outcome="rejected").inc()
-            return _rejected(rejected)  # type: ignore[return-value]  # BentoML sends a Response as is
-        _IMAGES.labels(endpoint="predict", outcome="classified").inc()
-        _REQUEST_IMAGES.labels(endpoint="predict").observe(1)
-        return JSONResponse(
-            {
-                "model_version": self.model_info["registry_version"],  # type: ignore[return-value]
-                "predictions": top_classes(probabilities[0], k, self.classmap),
-            }
-        )
+        # Over HTTP, ServeHotRoutes answers before BentoML's dispatch reaches this method (same answer).
+        return await self.answer(image, batch=False)  # type: ignore[return-value]  # sent as is
 
     @bentoml.api(route="/predict_batch", input_spec=PredictBatchInput)
     async def predict_batch(self, images: Any, top_k: Any = None) -> BatchPrediction:
         """Classify several image files in one request (multipart ``images`` or JSON ``images_base64``)."""
+        return await self.answer(images, batch=True)  # type: ignore[return-value]
+
+    async def answer(self, parsed: ParsedRequest | RequestRejected, batch: bool) -> Response:
+        """The response to a parsed ``predict`` (``batch`` False) or ``predict_batch`` request."""
+        endpoint = "predict_batch" if batch else "predict"
         try:
-            request = _accepted(images)
+            request = _accepted(parsed)
             k = parse_top_k(request.top_k, len(self.classmap), self.limits.default_top_k)
-            glyphs = await self._glyphs(request, batch=True)
-            probabilities = await self.batcher.run(glyphs)
+            probabilities = await self.batcher.run(await self._glyphs(request, batch))
         except RequestRejected as rejected:
-            _IMAGES.labels(endpoint="predict_batch", outcome="rejected").inc()
-            return _rejected(rejected)  # type: ignore[return-value]
+            _IMAGES.labels(endpoint=endpoint, outcome="rejected").inc()
+            return _rejected(rejected)
         count = len(request.uploads)
-        _IMAGES.labels(endpoint="predict_batch", outcome="classified").inc(count)
-        _REQUEST_IMAGES.labels(endpoint="predict_batch").observe(count)
+        _IMAGES.labels(endpoint=endpoint, outcome="classified").inc(count)
+        _REQUEST_IMAGES.labels(endpoint=endpoint).observe(count)
+        version = self.model_info["registry_version"]
+        if not batch:
+            return JSONResponse(
+                {"model_version": version, "predictions": top_classes(probabilities[0], k, self.classmap)}
+            )
         results = [
             {"filename": upload.filename, "predictions": top_classes(row, k, self.classmap)}
             for upload, row in zip(request.uploads, probabilities, strict=True)
         ]
-        return JSONResponse(
-            {
-                "model_version": self.model_info["registry_version"],  # type: ignore[return-value]
-                "results": results,
-            }
-        )
+        return JSONResponse({"model_version": version, "results": results})
 
     @bentoml.api(route="/glyph", input_spec=PredictInput)
     async def glyph(self, image: Any, top_k: Any = None) -> Annotated[Path, ContentType("image/png")]:
@@ -381,9 +385,8 @@ class Kuzushiji:
         Read-only: nothing is classified or counted. ``top_k`` is accepted (the form is predict's) and unused.
         """
         try:
-            glyphs = await self._glyphs(
-                _accepted(image), batch=False
-            )  # one image: predict's wording in errors
+            # One image: predict's wording in errors.
+            glyphs = await self._glyphs(_accepted(image), batch=False)
         except RequestRejected as rejected:
             return _rejected(rejected)  # type: ignore[return-value]
         return Response(_png(glyphs[0]), media_type="image/png")  # type: ignore[return-value]
@@ -401,4 +404,6 @@ def _accepted(parsed: ParsedRequest | RequestRejected) -> ParsedRequest:
     return parsed
 
 
+# The first added is the outer one: the model headers go on the hot routes' responses too.
 Kuzushiji.add_asgi_middleware(ModelVersionHeaders)  # type: ignore[attr-defined]  # a bentoml.Service at run time
+Kuzushiji.add_asgi_middleware(ServeHotRoutes)  # type: ignore[attr-defined]

@@ -15,7 +15,6 @@ one JSON summary line and exits non-zero with the reason on the first mismatch.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import sys
@@ -27,9 +26,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 BENTOFILE = ROOT / "bentofile.yaml"
-# Served model files and IO names (service.py / pipeline.bento / pipeline.export).
-ONNX_FILE, CLASSMAP_FILE = "model.onnx", "classmap.csv"
-ONNX_INPUT, ONNX_OUTPUT = "images", "logits"
 VERSION_LABEL = "registry_version"  # pipeline.bento.LABEL_REGISTRY_VERSION
 # Container and host run the same ONNX graph on the same glyph; only float reassociation may differ.
 PROB_ATOL = 1e-4
@@ -79,9 +75,9 @@ class HostModel:
 
     def __init__(self, tag: str) -> None:
         import bentoml
-        import onnxruntime as ort
 
         from pipeline.config import load_settings
+        from pipeline.contract import CLASSMAP_FILE, ONNX_FILE, load_classmap, onnx_session
         from pipeline.imaging import ImageLimits
 
         try:
@@ -91,20 +87,19 @@ class HostModel:
                              "against") from None
         self.tag = str(model.tag)
         self.version = str(model.info.labels.get(VERSION_LABEL, model.tag.version))
-        with open(model.path_of(CLASSMAP_FILE), encoding="utf-8", newline="") as handle:
-            rows = sorted(csv.DictReader(handle), key=lambda row: int(row["index"]))
-        self.classes = [(row["codepoint"], row["char"]) for row in rows]
-        self.session = ort.InferenceSession(model.path_of(ONNX_FILE), providers=["CPUExecutionProvider"])
+        classmap = load_classmap(Path(model.path_of(CLASSMAP_FILE)))
+        self.classes = list(zip(classmap.codepoints, classmap.chars, strict=True))
+        self.session = onnx_session(model.path_of(ONNX_FILE))
         serve = load_settings().serve
         self.limits = ImageLimits(max_bytes=serve.max_upload_bytes, max_pixels=serve.max_pixels)
 
     def probabilities(self, data: bytes) -> np.ndarray:
+        from pipeline.contract import ONNX_INPUT, ONNX_OUTPUT, softmax
         from pipeline.imaging import load_glyph
 
         images = load_glyph(data, self.limits).astype(np.float32)[None, None]
         (logits,) = self.session.run([ONNX_OUTPUT], {ONNX_INPUT: images})
-        shifted = np.exp(logits[0] - logits[0].max())
-        return shifted / shifted.sum()
+        return softmax(logits)[0]
 
 
 def check_predictions(where: str, got: Any, expected: np.ndarray, model: HostModel, top_k: int) -> None:
