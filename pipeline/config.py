@@ -202,7 +202,6 @@ class ServeSettings(_Section):
     max_batch_images: PositiveInt
     max_request_bytes: PositiveInt
     max_batch_size: PositiveInt
-    max_latency_ms: PositiveInt
     request_timeout_s: PositiveInt
     threads: PositiveInt
 
