@@ -91,7 +91,7 @@ def run(settings: Settings) -> dict[str, Any]:
     try:
         train_run = client.get_run(run_id)
     except MlflowException as exc:
-        raise RegistryError(f"training run {run_id} not found at {tracking.tracking_uri(settings)}: "
+        raise RegistryError(f"training run {run_id} not found at {tracking.redact(tracking.tracking_uri(settings))}: "
                             "re-run the train stage or point MLFLOW_TRACKING_URI at its store") from exc
     metrics = _test_metrics(train_run)
     base_tags = {
@@ -163,7 +163,7 @@ def run(settings: Settings) -> dict[str, Any]:
             f"previous_champion_{HEADLINE_METRIC}": _metric_of(previous),
             "metrics": metrics,
             "dataset": base_tags[tracking.TAG_DATASET],
-            "tracking_uri": tracking.tracking_uri(settings),
+            "tracking_uri": tracking.redact(tracking.tracking_uri(settings)),  # no password in a file
         }
         write_json(settings.path("reports") / REPORT_FILE, report)
         client.set_model_version_tag(name, number, TAG_STATUS, STATUS_READY)

@@ -148,7 +148,7 @@ def run(settings: Settings) -> dict[str, Any]:
         tracking.log_files([history_path, metrics_path], "reports")
         tracking.log_files([curves, samples], "figures")
         model_uri = tracking.log_model(result.model, onnx_path, example, models_dir)
-        record = TrainRun(run_id, active.info.experiment_id, tracking.tracking_uri(settings))
+        record = TrainRun(run_id, active.info.experiment_id, tracking.redact(tracking.tracking_uri(settings)))
         record.write(models_dir / TRAIN_RUN_FILE)
 
     # Finished and recorded: a later run (e.g. after a code change) must train afresh, not resume.
