@@ -16,7 +16,7 @@ from typing import Self
 
 import pytest
 
-from pipeline import data, download
+from pipeline import download
 from pipeline.config import DownloadSettings
 from pipeline.contract import (
     DataError,
@@ -303,7 +303,7 @@ def test_fetch_raw_copies_when_hard_links_are_impossible(
     def no_links(source: object, target: object) -> None:
         raise OSError(18, "Invalid cross-device link")  # what another filesystem answers
 
-    monkeypatch.setattr(data.os, "link", no_links)
+    monkeypatch.setattr(download.os, "link", no_links)
     settings = make_settings({"data.dataset": "kmnist", "data.base_url": server.url})
     raw = download.run(settings)
     cache = settings.path("downloads") / "kmnist"
