@@ -43,11 +43,12 @@ PLAIN_MAX_LR = 3e-3
 PLAIN_SEED = 0
 
 
-def pipeline_recipe(data_dir: Path, epochs: int, work: Path, device: str) -> dict[str, Any]:
-    """The real stages on the ``full`` profile with tuning off and ``epochs`` epochs."""
-    settings = load_settings(write_params(work / "params.yaml", {
-        "profile": "full", "data.dataset": "local", "data.local_dir": str(data_dir.resolve()),
-        "tune.n_trials": 0, "train.epochs": epochs, "train.device": device}))
+def pipeline_recipe(data_dir: Path, epochs: int, work: Path, device: str, changes: list[str]) -> dict[str, Any]:
+    """The real stages on the ``full`` profile with tuning off and ``epochs`` epochs (plus Hydra ``changes``,
+    e.g. ``train.lr=0.05``, to compare a recipe change side by side)."""
+    settings = load_settings(write_params(work / "params.yaml", [
+        "profile=full", "data.dataset=local", f"data.local_dir={data_dir.resolve()}", "tune.n_trials=0",
+        f"train.epochs={epochs}", f"train.device={device}", *changes]))
     started = time.perf_counter()
     download.run(settings)
     prepare.run(settings)
@@ -115,17 +116,20 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder in the official layout")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    parser.add_argument("--set", dest="changes", action="append", default=[], metavar="KEY=VALUE",
+                        help="a change to the pipeline's recipe (Hydra override), repeatable")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "real_data_cpu.json")
     args = parser.parse_args()
     device = loop.select_device(args.device)
     prefix = data.local_prefix(args.data, None)
     with tempfile.TemporaryDirectory(prefix="real-data-") as scratch:
-        recipe = pipeline_recipe(args.data, args.epochs, Path(scratch), device.type)
+        recipe = pipeline_recipe(args.data, args.epochs, Path(scratch), device.type, args.changes)
         augment_settings = load_settings(Path(scratch) / "params.yaml").augment
     plain = plain_loop(args.data, prefix, args.epochs, augment_settings, device)
     result = {
         "data": str(args.data),
         "epochs": args.epochs,
+        "pipeline_changes": args.changes,
         "pipeline_full_recipe": recipe,
         "plain_loop": plain,
         "pipeline_minus_plain_points": round(
