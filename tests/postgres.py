@@ -30,7 +30,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.support import free_port
+from tests.support import free_port, stop_group
 
 SUPERUSER = "postgres"
 # PostgreSQL refuses to run as root: under root the server runs as this system user (the Debian package
@@ -194,16 +194,7 @@ def _wait_until_accepting(server: PostgresServer, process: subprocess.Popen, log
 
 def _stop(process: subprocess.Popen) -> None:
     """SIGINT is PostgreSQL's fast shutdown: sessions are ended, the server exits cleanly."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGINT)
-        process.wait(timeout=STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
-        pass
+    stop_group(process, STOP_GRACE_S, signal.SIGINT)
 
 
 def database_name(hint: str) -> str:

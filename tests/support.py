@@ -71,16 +71,17 @@ def background_process(
                 raise RuntimeError(f"{exc}\n--- server log tail ---\n{tail}") from None
         yield process
     finally:
-        _stop_group(process)
+        stop_group(process)
         if log_path:
             log.close()
 
 
-def _stop_group(process: subprocess.Popen, grace_s: float = 15.0) -> None:
+def stop_group(process: subprocess.Popen, grace_s: float = 15.0, stop_signal: int = signal.SIGTERM) -> None:
+    """Send ``stop_signal`` to the process group, SIGKILL it after ``grace_s``."""
     if process.poll() is not None:
         return
     try:
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, stop_signal)
         process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
