@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -222,60 +222,31 @@ def service(work: Path, name: str, env: dict[str, str]) -> Iterator[tuple[str, i
 
 
 @contextmanager
-def lean_anchor(work: Path, threads: int) -> Iterator[tuple[str, int]]:
+def uvicorn_app(app: str, env: dict[str, str], ready_path: str, log_path: Path, *extra: str
+                ) -> Iterator[tuple[str, int]]:
+    """``app`` served by one uvicorn process on a free loopback port: (base URL, pid)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {"KUZUSHIJI_LEAN_MODEL_DIR": str(work), "KUZUSHIJI_LEAN_THREADS": str(threads)}
     with background_process(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "benchmarks.lean_server:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ],
-        ready_url=f"{url}/readyz",
-        env=env,
-        cwd=PROJECT_ROOT,
-        log_path=work / "lean.log",
+        [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "warning", *extra],
+        ready_url=f"{url}{ready_path}", env=env, cwd=PROJECT_ROOT, log_path=log_path,
     ) as process:
         yield url, process.pid
 
 
-@contextmanager
-def seed_style(work: Path, weights: Path, threads: int) -> Iterator[tuple[str, int]]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+def lean_anchor(work: Path, threads: int) -> AbstractContextManager[tuple[str, int]]:
+    env = {"KUZUSHIJI_LEAN_MODEL_DIR": str(work), "KUZUSHIJI_LEAN_THREADS": str(threads)}
+    return uvicorn_app("benchmarks.lean_server:app", env, "/readyz", work / "lean.log", "--no-access-log")
+
+
+def seed_style(work: Path, weights: Path, threads: int) -> AbstractContextManager[tuple[str, int]]:
     env = {
         "KUZUSHIJI_BASELINE_WEIGHTS": str(weights),
         "KUZUSHIJI_BASELINE_CLASSES": str(NUM_CLASSES),
         "KUZUSHIJI_BASELINE_THREADS": str(threads),
     }
-    with background_process(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "benchmarks.fastapi_baseline:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        ready_url=f"{url}/docs",
-        env=env,
-        cwd=PROJECT_ROOT,
-        log_path=work / "seed.log",
-    ) as process:
-        yield url, process.pid
+    return uvicorn_app("benchmarks.fastapi_baseline:app", env, "/docs", work / "seed.log")
 
 
 # ------------------------------------------------------------------------------------- the run
