@@ -62,6 +62,10 @@ def pipeline_recipe(data_dir: Path, epochs: int, work: Path, device: str, change
         "best_val_balanced_accuracy": trained["best_val_balanced_accuracy"],
         "epochs_run": trained["epochs_run"],
         "n_train": trained["n_train"],
+        "refit": trained["refit"],
+        "model_epochs": trained["model_epochs"],
+        "model_train_images": trained["model_train_images"],
+        "train_seconds": round(trained["train_seconds"], 1),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -73,11 +77,11 @@ def _official_split(data_dir: Path, prefix: str, split: str) -> tuple[np.ndarray
     return images, labels
 
 
-def plain_loop(data_dir: Path, prefix: str, epochs: int, augment_settings: Any, device: torch.device
-               ) -> dict[str, Any]:
+def plain_loop(data_dir: Path, prefix: str, epochs: int, augment_settings: Any, device: torch.device,
+               seed: int = PLAIN_SEED) -> dict[str, Any]:
     """SpinalVGG, Adam + one-cycle to 3e-3, batch 64, rotation/translation; last epoch scored."""
-    torch.manual_seed(PLAIN_SEED)
-    generator = torch.Generator().manual_seed(PLAIN_SEED)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     x_train, y_train = _official_split(data_dir, prefix, "train")
     x_test, y_test = _official_split(data_dir, prefix, "test")
     num_classes = len(load_classmap(data_dir / official_file_names(prefix)["classmap"]))
@@ -118,17 +122,22 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     parser.add_argument("--set", dest="changes", action="append", default=[], metavar="KEY=VALUE",
                         help="a change to the pipeline's recipe (Hydra override), repeatable")
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"one seed for both (default: the pipeline's `seed`, {PLAIN_SEED} for the plain loop)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "real_data_cpu.json")
     args = parser.parse_args()
     device = loop.select_device(args.device)
     prefix = data.local_prefix(args.data, None)
     with tempfile.TemporaryDirectory(prefix="real-data-") as scratch:
-        recipe = pipeline_recipe(args.data, args.epochs, Path(scratch), device.type, args.changes)
+        seeded = [f"seed={args.seed}"] if args.seed is not None else []
+        recipe = pipeline_recipe(args.data, args.epochs, Path(scratch), device.type, [*seeded, *args.changes])
         augment_settings = load_settings(Path(scratch) / "params.yaml").augment
-    plain = plain_loop(args.data, prefix, args.epochs, augment_settings, device)
+    plain = plain_loop(args.data, prefix, args.epochs, augment_settings, device,
+                       PLAIN_SEED if args.seed is None else args.seed)
     result = {
         "data": str(args.data),
         "epochs": args.epochs,
+        "seed": args.seed,
         "pipeline_changes": args.changes,
         "pipeline_full_recipe": recipe,
         "plain_loop": plain,

@@ -115,6 +115,7 @@ class TrainSettings(_Section):
     class_balance: Literal["weighted_loss", "sampler", "none"]
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)]
     patience: PositiveInt
+    refit: bool
     min_delta: Annotated[float, Field(ge=0.0)]
     max_train_per_class: PositiveInt | None
     max_val_per_class: PositiveInt | None

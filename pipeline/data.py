@@ -329,13 +329,7 @@ def load_test(settings: Settings) -> LabeledImages:
     return test
 
 
-# ------------------------------------------------------------------------------------------- prepare stage
-
-
-
-
-
-
+# ------------------------------------------------------------------------------ prepared splits
 
 
 def load_prepared(settings: Settings, split: str) -> LabeledImages:

@@ -62,26 +62,30 @@ class Labeled(Protocol):
 
 @dataclass(frozen=True)
 class EpochMetrics:
-    """One epoch: training loss (as optimised), validation loss (plain cross-entropy) and accuracies."""
+    """One epoch: training loss (as optimised), validation loss (plain cross-entropy) and accuracies.
+
+    The validation fields are None in a run without a validation split (the refit on all training data).
+    """
 
     epoch: int
     train_loss: float
-    val_loss: float
-    val_accuracy: float
-    val_balanced_accuracy: float
+    val_loss: float | None
+    val_accuracy: float | None
+    val_balanced_accuracy: float | None
     lr: float
     seconds: float
 
     def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+        """The measured values (a run without validation has no ``val_*`` keys)."""
+        return {key: value for key, value in asdict(self).items() if value is not None}
 
 
 @dataclass
 class TrainResult:
-    model: SpinalVGG  # best weights (EMA if enabled), on the CPU, eval mode
+    model: SpinalVGG  # best weights (EMA if enabled; the last epoch's without validation), CPU, eval mode
     history: list[EpochMetrics]
     best_epoch: int
-    best_val_balanced_accuracy: float
+    best_val_balanced_accuracy: float | None  # None without a validation split
     stopped_early: bool
     device: str = "cpu"
 
@@ -139,7 +143,7 @@ def data_digest(data: Labeled) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(settings: Settings, train: Labeled, val: Labeled, num_classes: int,
+def fingerprint(settings: Settings, train: Labeled, val: Labeled | None, num_classes: int,
                 pixel_mean: float, pixel_std: float) -> str:
     """Hash of everything that decides a run's trajectory: a checkpoint resumes only on a match."""
     relevant = {
@@ -148,7 +152,7 @@ def fingerprint(settings: Settings, train: Labeled, val: Labeled, num_classes: i
         "num_classes": num_classes,
         "pixel": [float(pixel_mean), float(pixel_std)],
         "train_data": data_digest(train),
-        "val_data": data_digest(val),
+        "val_data": data_digest(val) if val is not None else None,
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
@@ -408,7 +412,7 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: to
 def fit(
     settings: Settings,
     train: Labeled,
-    val: Labeled,
+    val: Labeled | None,
     num_classes: int,
     pixel_mean: float,
     pixel_std: float,
@@ -417,12 +421,16 @@ def fit(
 ) -> TrainResult:
     """Train SpinalVGG on ``train``, select on ``val`` balanced accuracy; see the module docstring.
 
+    Without ``val`` (the refit on train + validation, see ``pipeline.train``) there is nothing to select
+    on: it trains all ``train.epochs`` epochs, never stops early, and returns the last epoch's weights.
+
     Callbacks receive each epoch's :class:`EpochMetrics` after the checkpoint is written; an exception
     they raise (e.g. ``optuna.TrialPruned``) stops training and propagates.
     """
     cfg = settings.train
     _check_split(train, "train", num_classes, minimum=2)
-    _check_split(val, "val", num_classes, minimum=1)
+    if val is not None:
+        _check_split(val, "val", num_classes, minimum=1)
     device = select_device(cfg.device)
     on_cuda = device.type == "cuda"
     amp, channels_last = cfg.amp and on_cuda, cfg.channels_last and on_cuda
@@ -455,12 +463,14 @@ def fit(
 
     x_train = torch.from_numpy(np.ascontiguousarray(train.images)).to(device)
     y_train = labels_cpu.to(device)
-    x_val = torch.from_numpy(np.ascontiguousarray(val.images)).to(device)
-    y_val = torch.from_numpy(np.ascontiguousarray(val.labels, dtype=np.int64)).to(device)
+    if val is not None:
+        x_val = torch.from_numpy(np.ascontiguousarray(val.images)).to(device)
+        y_val = torch.from_numpy(np.ascontiguousarray(val.labels, dtype=np.int64)).to(device)
     step_model = cast(nn.Module, torch.compile(model)) if cfg.compile and on_cuda else model
     eval_model = ema.module if ema is not None else model
     log.info("training SpinalVGG (%d parameters) on %s: %d train / %d val images; batch %d, peak lr %.3g, "
-             "%d steps/epoch, %d warm-up steps", count_parameters(model), device, len(y_train), len(y_val),
+             "%d steps/epoch, %d warm-up steps", count_parameters(model), device, len(y_train),
+             len(val.labels) if val is not None else 0,
              batch_size, plan.lr, steps, plan.warmup_steps)
 
     while progress.epoch < cfg.epochs and not progress.stopped_early:
@@ -488,25 +498,27 @@ def fit(
         if not per_batch:
             scheduler.step()
 
-        val_loss, val_acc, val_bacc = _validate(eval_model, x_val, y_val, num_classes, cfg.eval_batch_size,
-                                                amp, channels_last)
-        metrics = EpochMetrics(epoch, (loss_sum / steps).item(), val_loss, val_acc, val_bacc, lr,
-                               time.perf_counter() - started)
+        scores: tuple[float | None, float | None, float | None] = (None, None, None)
+        if val is not None:
+            scores = _validate(eval_model, x_val, y_val, num_classes, cfg.eval_batch_size, amp, channels_last)
+        metrics = EpochMetrics(epoch, (loss_sum / steps).item(), *scores, lr, time.perf_counter() - started)
         if not math.isfinite(metrics.train_loss):
             raise TrainingDiverged(f"training loss is {metrics.train_loss} in epoch {epoch} (train.lr="
                                    f"{cfg.lr}, train.optimizer={cfg.optimizer}): lower train.lr or raise "
                                    "train.warmup_fraction")
         progress.history.append(metrics)
         progress.epoch = epoch
-        if val_bacc > progress.best_score + cfg.min_delta:
+        val_bacc = metrics.val_balanced_accuracy
+        if val_bacc is None:  # nothing to select on: the last epoch is the result
+            progress.best_epoch = epoch
+        elif val_bacc > progress.best_score + cfg.min_delta:
             progress.best_score, progress.best_epoch, progress.since_best = val_bacc, epoch, 0
-            progress.best_state = {k: v.detach().to("cpu", copy=True)
-                                   for k, v in eval_model.state_dict().items()}
+            progress.best_state = _cpu_copy(eval_model)
         else:
             progress.since_best += 1
         progress.stopped_early = progress.since_best >= cfg.patience and epoch < cfg.epochs
-        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_acc %.4f  val_bacc %.4f  lr %.3g  %.1fs",
-                 epoch, cfg.epochs, metrics.train_loss, val_loss, val_acc, val_bacc, lr, metrics.seconds)
+        log.info("epoch %d/%d  train_loss %.4f  %s  lr %.3g  %.1fs", epoch, cfg.epochs, metrics.train_loss,
+                 _val_summary(metrics), lr, metrics.seconds)
         if checkpoint_path is not None:
             _atomic_torch_save(_snapshot(run_fingerprint, progress, model, ema, optimizer, scheduler,
                                          generator), Path(checkpoint_path))
@@ -518,10 +530,22 @@ def fit(
                  progress.epoch, cfg.min_delta, cfg.patience, progress.best_epoch)
 
     best = build_model(settings, num_classes, pixel_mean, pixel_std)
-    assert progress.best_state is not None  # at least one epoch ran (epochs >= 1)
-    best.load_state_dict(progress.best_state)
-    return TrainResult(best.eval(), progress.history, progress.best_epoch, progress.best_score,
+    # A validated run keeps its best epoch's weights; without validation the last epoch's are the result.
+    best.load_state_dict(progress.best_state if progress.best_state is not None else _cpu_copy(eval_model))
+    best_score = progress.best_score if val is not None else None
+    return TrainResult(best.eval(), progress.history, progress.best_epoch, best_score,
                        progress.stopped_early, str(device))
+
+
+def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _val_summary(metrics: EpochMetrics) -> str:
+    if metrics.val_balanced_accuracy is None:
+        return "(no validation split)"
+    return (f"val_loss {metrics.val_loss:.4f}  val_acc {metrics.val_accuracy:.4f}  "
+            f"val_bacc {metrics.val_balanced_accuracy:.4f}")
 
 
 def _snapshot(run_fingerprint: str, progress: _Progress, model: nn.Module, ema: AveragedModel | None,
@@ -531,7 +555,7 @@ def _snapshot(run_fingerprint: str, progress: _Progress, model: nn.Module, ema: 
         "version": CHECKPOINT_VERSION,
         "fingerprint": run_fingerprint,
         "epoch": progress.epoch,
-        "history": [m.as_dict() for m in progress.history],
+        "history": [asdict(m) for m in progress.history],
         "best_score": progress.best_score,
         "best_epoch": progress.best_epoch,
         "best_state": progress.best_state,

@@ -119,6 +119,30 @@ def test_killed_then_resumed_run_ends_where_an_uninterrupted_one_does(tiny, tmp_
     assert not torch.allclose(actual["features.0.1.running_var"], torch.ones(64))
 
 
+def test_without_validation_every_epoch_runs_the_last_is_kept_and_a_kill_resumes(tiny, tmp_path):
+    """The refit's mode: nothing to select on, so no early stop (min_delta 1.0 would stop a validated run
+    after epoch 2), no val metrics, the last epoch's weights; a killed run resumes to the same end."""
+    settings = tiny(train__patience=1, train__min_delta=1.0, train__ema_decay=0.8)
+    whole = loop.fit(settings, TRAIN, None, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD, checkpoint_path=tmp_path / "a.pt")
+    assert [m.epoch for m in whole.history] == [1, 2, 3] and not whole.stopped_early
+    assert whole.best_epoch == 3 and whole.best_val_balanced_accuracy is None
+    assert set(whole.history[0].as_dict()) == {"epoch", "train_loss", "lr", "seconds"}
+    last = torch.load(tmp_path / "a.pt", weights_only=True)["ema"]
+    assert all(torch.equal(value, last[f"module.{key}"]) for key, value in whole.model.state_dict().items())
+
+    def kill_after_epoch_1(metrics):
+        if metrics.epoch == 1:
+            raise Killed("simulated kill")
+
+    with pytest.raises(Killed):
+        loop.fit(settings, TRAIN, None, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD, callbacks=[kill_after_epoch_1],
+                 checkpoint_path=tmp_path / "b.pt")
+    resumed = loop.fit(settings, TRAIN, None, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD, checkpoint_path=tmp_path / "b.pt")
+    assert _comparable(resumed.history) == _comparable(whole.history)
+    expected, actual = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
 def test_checkpoint_of_other_settings_is_not_resumed(tiny, tmp_path):
     settings = tiny(train__epochs=1)
     checkpoint = tmp_path / "run.pt"
@@ -281,6 +305,10 @@ def test_train_stage_writes_outputs_and_tracks_the_run(make_settings, monkeypatc
         assert path.is_file() and path.stat().st_size > 0, path
     metrics = json.loads((reports / "train" / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and metrics["n_train"] == 49 * 4 and metrics["num_classes"] == 49
+    # The refit (train.refit, on by default): the exported model learned from train + val, as long as the
+    # validated run took.
+    assert metrics["refit"] is True and metrics["model_epochs"] == 2
+    assert metrics["model_train_images"] == 49 * 4 + 49 * 1
     history = (reports / "train" / "history.csv").read_text().splitlines()
     assert history[0] == "epoch,train_loss,val_loss,val_accuracy,val_balanced_accuracy,lr,seconds"
     assert len(history) == 3
@@ -294,6 +322,8 @@ def test_train_stage_writes_outputs_and_tracks_the_run(make_settings, monkeypatc
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_balanced_accuracy")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "refit_train_loss")] == [1, 2]
+    assert "refit_val_balanced_accuracy" not in run.data.metrics  # the refit has nothing held out
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"onnx", "reports", "figures"} <= artifacts
     # MLflow 3 keeps the PyTorch model as a LoggedModel linked to the run, not as a run artifact.
@@ -302,6 +332,7 @@ def test_train_stage_writes_outputs_and_tracks_the_run(make_settings, monkeypatc
     assert logged.source_run_id == run.info.run_id
     # A finished stage leaves no checkpoint behind: the next run trains afresh.
     assert not (settings.path("checkpoints") / training.CHECKPOINT_FILE).exists()
+    assert not (settings.path("checkpoints") / training.REFIT_CHECKPOINT_FILE).exists()
 
 
 def test_small_data_gets_a_smaller_batch_and_proportional_lr(make_settings):
