@@ -89,9 +89,12 @@ def estimated_cpu_seconds(stage: str, settings: Any, train_counts: Sequence[int]
     else:
         cfg = settings.train
         epochs = cfg.epochs
-    images = (images_used(train_counts, cfg.max_train_per_class)
-              + VALIDATION_COST * images_used(val_counts, cfg.max_val_per_class))
-    return epochs * images / (CPU_IMAGES_PER_S_PER_CORE * max(cores, 1))
+    trained, validated = images_used(train_counts, cfg.max_train_per_class), images_used(val_counts,
+                                                                                         cfg.max_val_per_class)
+    images = epochs * (trained + VALIDATION_COST * validated)
+    if stage == "train" and cfg.refit:  # the refit trains on train + validation for as many epochs again
+        images += epochs * (trained + validated)
+    return images / (CPU_IMAGES_PER_S_PER_CORE * max(cores, 1))
 
 
 def readable_duration(seconds: float) -> str:

@@ -46,7 +46,8 @@ def _settings(root: Path, profile: str, device: str = "cpu") -> SimpleNamespace:
     """The few settings the estimate reads (the K49-sized full recipe: 60 epochs, 30 trials x 10 epochs)."""
     return SimpleNamespace(
         profile=profile,
-        train=SimpleNamespace(device=device, epochs=60, max_train_per_class=None, max_val_per_class=None),
+        train=SimpleNamespace(device=device, epochs=60, max_train_per_class=None, max_val_per_class=None,
+                              refit=True),
         tune=SimpleNamespace(n_trials=30, epochs=10, max_train_per_class=1500, max_val_per_class=None),
         path=lambda name: root / name,
     )
@@ -57,6 +58,10 @@ def test_the_cpu_estimate_counts_capped_images_epochs_and_cores() -> None:
     train, val = [6000, 400], [600, 40]
     rate = profile_choice.CPU_IMAGES_PER_S_PER_CORE * 2
     assert profile_choice.images_used(train, 1500) == 1900
+    # The validated run (validation at a third of a training image's cost), then the refit on both splits.
+    assert profile_choice.estimated_cpu_seconds("train", settings, train, val, cores=2) == pytest.approx(
+        60 * (6400 + 640 / 3) / rate + 60 * (6400 + 640) / rate)
+    settings.train.refit = False
     assert profile_choice.estimated_cpu_seconds("train", settings, train, val, cores=2) == pytest.approx(
         60 * (6400 + 640 / 3) / rate)
     assert profile_choice.estimated_cpu_seconds("tune", settings, train, val, cores=2) == pytest.approx(
