@@ -103,8 +103,10 @@ def run(settings: Settings) -> dict[str, Any]:
 
         result = fit(settings, train, val, num_classes, mean, std, callbacks=[log_epoch],
                      checkpoint_path=checkpoint)
-        final = refit(settings, result, train, val, num_classes, mean, std) if settings.train.refit else result
-        runs = [result, final] if settings.train.refit else [result]
+        runs = [result]  # the validated run, then the refit when there is one: the last is exported
+        if settings.train.refit:
+            runs.append(refit(settings, result, train, val, num_classes, mean, std))
+        final = runs[-1]
 
         best = result.best
         summary = {
@@ -119,8 +121,7 @@ def run(settings: Settings) -> dict[str, Any]:
             "refit": settings.train.refit,
             # The exported model: the refit's last epoch (train + val), else the validated run's best epoch.
             "model_epochs": final.best_epoch,
-            "model_train_images": sum(len(split.labels) for split in ([train, val] if settings.train.refit
-                                                                        else [train])),
+            "model_train_images": len(train.labels) + (len(val.labels) if settings.train.refit else 0),
             "num_classes": num_classes,
             "parameters": count_parameters(final.model),
             "device": final.device,
@@ -153,7 +154,7 @@ def run(settings: Settings) -> dict[str, Any]:
         metrics_path = write_json(reports_dir / "train" / "metrics.json", summary)
         curves = plot_training_curves(result.history, result.best_epoch,
                                       reports_dir / "figures" / "training_curves.png",
-                                      refit_history=final.history if settings.train.refit else ())
+                                      refit_history=[m for run in runs[1:] for m in run.history])
         samples = plot_augmented_samples(settings, train, list(classmap.chars),
                                          reports_dir / "figures" / "augmented_samples.png")
         tracking.log_epoch(result.best_epoch, {f"best_{key}": value for key, value in best.as_dict().items()
