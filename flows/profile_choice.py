@@ -92,8 +92,8 @@ def estimated_cpu_seconds(stage: str, settings: Any, train_counts: Sequence[int]
     trained, validated = images_used(train_counts, cfg.max_train_per_class), images_used(val_counts,
                                                                                          cfg.max_val_per_class)
     images = epochs * (trained + VALIDATION_COST * validated)
-    if stage == "train" and cfg.refit:  # the refit trains on train + validation for as many epochs again
-        images += epochs * (trained + validated)
+    if stage == "train" and cfg.refit:  # then the refit on train + validation (refit_epochs_fraction of that)
+        images += cfg.refit_epochs(epochs) * (trained + validated)
     return images / (CPU_IMAGES_PER_S_PER_CORE * max(cores, 1))
 
 

@@ -12,6 +12,7 @@ This module imports only pydantic and PyYAML (Hydra lazily, to compose) so the s
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -116,6 +117,8 @@ class TrainSettings(_Section):
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)]
     patience: PositiveInt
     refit: bool
+    refit_start: Literal["validated", "scratch"]
+    refit_epochs_fraction: Annotated[float, Field(gt=0.0, le=1.0)]
     min_delta: Annotated[float, Field(ge=0.0)]
     max_train_per_class: PositiveInt | None
     max_val_per_class: PositiveInt | None
@@ -124,6 +127,10 @@ class TrainSettings(_Section):
     channels_last: bool
     compile: bool
     eval_batch_size: PositiveInt
+
+    def refit_epochs(self, validated_epochs: int) -> int:
+        """The refit's length: ``refit_epochs_fraction`` of the validated run's epochs, rounded up."""
+        return max(1, math.ceil(self.refit_epochs_fraction * validated_epochs))
 
 
 class SearchDimension(_Section):

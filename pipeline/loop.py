@@ -22,7 +22,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -143,8 +143,18 @@ def data_digest(data: Labeled) -> str:
     return digest.hexdigest()
 
 
+def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """Content hash of a state dict (a warm start's initial weights, part of the checkpoint fingerprint)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
 def fingerprint(settings: Settings, train: Labeled, val: Labeled | None, num_classes: int,
-                pixel_mean: float, pixel_std: float) -> str:
+                pixel_mean: float, pixel_std: float,
+                initial_weights: Mapping[str, torch.Tensor] | None = None) -> str:
     """Hash of everything that decides a run's trajectory: a checkpoint resumes only on a match."""
     relevant = {
         "version": CHECKPOINT_VERSION,
@@ -153,6 +163,7 @@ def fingerprint(settings: Settings, train: Labeled, val: Labeled | None, num_cla
         "pixel": [float(pixel_mean), float(pixel_std)],
         "train_data": data_digest(train),
         "val_data": data_digest(val) if val is not None else None,
+        "initial_weights": weights_digest(initial_weights) if initial_weights is not None else None,
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
@@ -418,11 +429,14 @@ def fit(
     pixel_std: float,
     callbacks: Sequence[Callback] = (),
     checkpoint_path: Path | None = None,
+    initial_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train SpinalVGG on ``train``, select on ``val`` balanced accuracy; see the module docstring.
 
     Without ``val`` (the refit on train + validation, see ``pipeline.train``) there is nothing to select
     on: it trains all ``train.epochs`` epochs, never stops early, and returns the last epoch's weights.
+    ``initial_weights`` (a SpinalVGG state dict) warm-starts the model, e.g. the refit continuing from the
+    validated run's model; the optimiser, schedule and weight average start afresh.
 
     Callbacks receive each epoch's :class:`EpochMetrics` after the checkpoint is written; an exception
     they raise (e.g. ``optuna.TrialPruned``) stops training and propagates.
@@ -438,7 +452,10 @@ def fit(
     # One seed drives weight init and dropout (global RNG) and sampling + augmentation (generator).
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
-    model = build_model(settings, num_classes, pixel_mean, pixel_std).to(device)
+    model = build_model(settings, num_classes, pixel_mean, pixel_std)
+    if initial_weights is not None:
+        model.load_state_dict(initial_weights)
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = make_weight_average(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -454,7 +471,7 @@ def fit(
     sample_weights = weights[labels_cpu].double() if cfg.class_balance == "sampler" else None
 
     progress = _Progress()
-    run_fingerprint = fingerprint(settings, train, val, num_classes, pixel_mean, pixel_std)
+    run_fingerprint = fingerprint(settings, train, val, num_classes, pixel_mean, pixel_std, initial_weights)
     if checkpoint_path is not None:
         state = _load_checkpoint(Path(checkpoint_path), run_fingerprint)
         if state is not None:

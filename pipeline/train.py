@@ -1,7 +1,7 @@
 """The train stage: fit SpinalVGG on the prepared split with the tuned values applied, validated on the
-held-out split (early stopping, the reported validation scores); then, with ``train.refit``, train again on
-train + validation for as long as that run took; write the model bundle, its verified ONNX export, reports
-and figures, all tracked in one MLflow run.
+held-out split (early stopping, the reported validation scores); then, with ``train.refit``, train on
+train + validation (by default continuing from the validated model); write the model bundle, its
+verified ONNX export, reports and figures, all tracked in one MLflow run.
 
 Tuned values (``models/best_params.yaml`` from the tune stage) are applied here, under the values set on
 the command line: defaults < profile < tuned < command line (``pipeline.config.explicit_keys``).
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import Settings, explicit_keys
+from pipeline.config import Settings, TrainSettings, explicit_keys
 from pipeline.contract import (
     BEST_PARAMS_FILE,
     BUNDLE_FILE,
@@ -119,8 +119,9 @@ def run(settings: Settings) -> dict[str, Any]:
             "n_train": len(train.labels),
             "n_val": len(val.labels),
             "refit": settings.train.refit,
-            # The exported model: the refit's last epoch (train + val), else the validated run's best epoch.
-            "model_epochs": final.best_epoch,
+            # The exported model's training length: the validated run's best epoch, plus or (refit from
+            # scratch) instead of the refit's epochs on train + val.
+            "model_epochs": model_epochs(settings.train, result, runs[1:]),
             "model_train_images": len(train.labels) + (len(val.labels) if settings.train.refit else 0),
             "num_classes": num_classes,
             "parameters": count_parameters(final.model),
@@ -154,7 +155,8 @@ def run(settings: Settings) -> dict[str, Any]:
         metrics_path = write_json(reports_dir / "train" / "metrics.json", summary)
         curves = plot_training_curves(result.history, result.best_epoch,
                                       reports_dir / "figures" / "training_curves.png",
-                                      refit_history=[m for run in runs[1:] for m in run.history])
+                                      refit_history=[m for run in runs[1:] for m in run.history],
+                                      refit_from_best=settings.train.refit_start == "validated")
         samples = plot_augmented_samples(settings, train, list(classmap.chars),
                                          reports_dir / "figures" / "augmented_samples.png")
         tracking.log_epoch(result.best_epoch, {f"best_{key}": value for key, value in best.as_dict().items()
@@ -174,21 +176,26 @@ def run(settings: Settings) -> dict[str, Any]:
 
 def refit(settings: Settings, validated: TrainResult, train: LabeledImages, val: LabeledImages,
           num_classes: int, pixel_mean: float, pixel_std: float) -> TrainResult:
-    """Train again, on train + validation, for as many epochs as the validated run took; keep the last.
+    """Train on train + validation and keep the last epoch: the model shipped learns from every image.
 
     The validated run chose the recipe's length (early stopping) and showed what it reaches on images it
-    never saw; the model shipped then learns from every training image (Goodfellow et al., Deep Learning,
-    section 7.8). On kmnist-dev the 10 % held out for validation cost a point of test accuracy
-    (README, "Measured on real data"). The test set still plays no part. Runs inside the train stage's
-    MLflow run: its epochs are logged as ``refit_*`` metrics.
+    never saw. The refit then either continues from that run's model (``train.refit_start: validated``,
+    Goodfellow et al., Deep Learning, section 7.8, algorithm 7.3) or trains fresh weights (``scratch``,
+    algorithm 7.2), for ``train.refit_epochs_fraction`` of the validated run's epochs, with a fresh
+    optimiser, schedule and weight average. On kmnist-dev the 10 % held out for validation cost a point of
+    test accuracy (README, "Measured on real data"). The test set still plays no part. Runs inside the train
+    stage's MLflow run: its epochs are logged as ``refit_*`` metrics.
     """
     from pipeline import tracking
 
-    epochs = len(validated.history)
+    cfg = settings.train
+    epochs = cfg.refit_epochs(len(validated.history))
+    initial = validated.model.state_dict() if cfg.refit_start == "validated" else None
     everything = LabeledImages(np.concatenate([train.images, val.images]),
                                np.concatenate([train.labels, val.labels]))
-    log.info("refit: %d epochs on train + validation (%d images); the validated run's best was epoch %d",
-             epochs, len(everything.labels), validated.best_epoch)
+    log.info("refit: %d epochs on train + validation (%d images) from %s; the validated run's best was "
+             "epoch %d", epochs, len(everything.labels),
+             "its model" if initial is not None else "fresh weights", validated.best_epoch)
 
     def log_epoch(metrics: EpochMetrics) -> None:
         values = metrics.as_dict()
@@ -196,7 +203,14 @@ def refit(settings: Settings, validated: TrainResult, train: LabeledImages, val:
 
     return fit(settings.with_overrides({"train.epochs": epochs}), everything, None, num_classes, pixel_mean,
                pixel_std, callbacks=[log_epoch],
-               checkpoint_path=settings.path("checkpoints") / REFIT_CHECKPOINT_FILE)
+               checkpoint_path=settings.path("checkpoints") / REFIT_CHECKPOINT_FILE, initial_weights=initial)
+
+
+def model_epochs(cfg: TrainSettings, validated: TrainResult, refits: Sequence[TrainResult]) -> int:
+    """Epochs behind the exported model: the refit's, after the validated run's best when it continued it."""
+    if not refits:
+        return validated.best_epoch
+    return refits[-1].best_epoch + (validated.best_epoch if cfg.refit_start == "validated" else 0)
 
 
 def _resumable_run(checkpoint: Path, marker: Path, run_fingerprint: str) -> str | None:
@@ -222,17 +236,18 @@ def _write_history(path: Path, history: Sequence[EpochMetrics]) -> Path:
 
 
 def plot_training_curves(history: Sequence[EpochMetrics], best_epoch: int, path: Path,
-                         refit_history: Sequence[EpochMetrics] = ()) -> Path:
+                         refit_history: Sequence[EpochMetrics] = (), refit_from_best: bool = False) -> Path:
     """Train/val loss and val (balanced) accuracy per epoch, the selected epoch marked (and the refit's
-    training loss when there was one)."""
+    training loss when there was one, drawn after the best epoch when it continued from that model)."""
     from pipeline import figures
 
     epochs = [m.epoch for m in history]
+    refit_offset = best_epoch if refit_from_best else 0  # a continued refit starts from the best epoch's model
     fig, ax = figures.new_figure(8.0, 4.5)
     ax.plot(epochs, [m.train_loss for m in history], label="train loss (as optimised)", color="tab:blue")
     ax.plot(epochs, [m.val_loss for m in history], label="val loss (cross-entropy)", color="tab:orange")
     if refit_history:
-        ax.plot([m.epoch for m in refit_history], [m.train_loss for m in refit_history],
+        ax.plot([refit_offset + m.epoch for m in refit_history], [m.train_loss for m in refit_history],
                 label="refit train loss (train + val)", color="tab:purple", linestyle="--")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")

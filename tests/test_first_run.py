@@ -5,6 +5,8 @@ Prefect API a run uses."""
 from __future__ import annotations
 
 import json
+import tempfile
+from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +15,7 @@ import yaml
 
 from flows import profile_choice, run_summary, server
 from flows.tasks import STAGE_FUNCTIONS, STAGES
+from pipeline.config import TrainSettings, load_settings, write_params
 from tests.support import PROJECT_ROOT
 
 NO_GPU = (False, "no nvidia-smi on PATH")
@@ -42,12 +45,20 @@ def test_forcing_the_gpu_recipe_onto_a_cpu_says_what_to_pick_instead() -> None:
     assert "PROFILE=cpu" not in profile_choice.choose_profile("k49", "full", GPU)[1]
 
 
-def _settings(root: Path, profile: str, device: str = "cpu") -> SimpleNamespace:
-    """The few settings the estimate reads (the K49-sized full recipe: 60 epochs, 30 trials x 10 epochs)."""
+@cache
+def _full_train_section() -> TrainSettings:
+    with tempfile.TemporaryDirectory() as folder:
+        return load_settings(write_params(Path(folder) / "params.yaml", {"profile": "full"})).train
+
+
+def _settings(root: Path, profile: str, device: str = "cpu", **train: object) -> SimpleNamespace:
+    """The few settings the estimate reads (the K49-sized full recipe: 60 epochs, 30 trials x 10 epochs,
+    the refit continuing for half the validated run's epochs)."""
     return SimpleNamespace(
         profile=profile,
-        train=SimpleNamespace(device=device, epochs=60, max_train_per_class=None, max_val_per_class=None,
-                              refit=True),
+        train=_full_train_section().model_copy(update={
+            "device": device, "epochs": 60, "max_train_per_class": None, "max_val_per_class": None,
+            "refit": True, "refit_epochs_fraction": 0.5, **train}),
         tune=SimpleNamespace(n_trials=30, epochs=10, max_train_per_class=1500, max_val_per_class=None),
         path=lambda name: root / name,
     )
@@ -58,11 +69,15 @@ def test_the_cpu_estimate_counts_capped_images_epochs_and_cores() -> None:
     train, val = [6000, 400], [600, 40]
     rate = profile_choice.CPU_IMAGES_PER_S_PER_CORE * 2
     assert profile_choice.images_used(train, 1500) == 1900
-    # The validated run (validation at a third of a training image's cost), then the refit on both splits.
+    # The validated run (validation at a third of a training image's cost), then the refit on both splits
+    # for half as many epochs (rounded up).
     assert profile_choice.estimated_cpu_seconds("train", settings, train, val, cores=2) == pytest.approx(
-        60 * (6400 + 640 / 3) / rate + 60 * (6400 + 640) / rate)
-    settings.train.refit = False
-    assert profile_choice.estimated_cpu_seconds("train", settings, train, val, cores=2) == pytest.approx(
+        60 * (6400 + 640 / 3) / rate + 30 * (6400 + 640) / rate)
+    odd = _settings(Path("."), "full", epochs=7)
+    assert profile_choice.estimated_cpu_seconds("train", odd, train, val, cores=2) == pytest.approx(
+        7 * (6400 + 640 / 3) / rate + 4 * (6400 + 640) / rate)
+    no_refit = _settings(Path("."), "full", refit=False)
+    assert profile_choice.estimated_cpu_seconds("train", no_refit, train, val, cores=2) == pytest.approx(
         60 * (6400 + 640 / 3) / rate)
     assert profile_choice.estimated_cpu_seconds("tune", settings, train, val, cores=2) == pytest.approx(
         300 * (1900 + 640 / 3) / rate)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -141,6 +142,37 @@ def test_without_validation_every_epoch_runs_the_last_is_kept_and_a_kill_resumes
     assert _comparable(resumed.history) == _comparable(whole.history)
     expected, actual = whole.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_a_warm_start_continues_from_the_given_weights(tiny):
+    """The refit's default (train.refit_start: validated) starts where the validated model stands: at a
+    vanishing learning rate it ends on those weights, a fresh start does not; and a checkpoint never
+    crosses warm and fresh runs."""
+    settings = tiny()
+    trained = loop.fit(settings, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
+    start = trained.model.state_dict()
+    standing_still = settings.with_overrides({"train.epochs": 1, "train.lr": 1e-12})
+    warm = loop.fit(standing_still, TRAIN, None, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD, initial_weights=start)
+    fresh = loop.fit(standing_still, TRAIN, None, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
+    for name, weight in trained.model.named_parameters():
+        assert torch.allclose(dict(warm.model.named_parameters())[name], weight, atol=1e-6), name
+    assert not torch.allclose(dict(fresh.model.named_parameters())["head.1.weight"],
+                              start["head.1.weight"], atol=1e-3)
+    fresh_print = loop.fingerprint(standing_still, TRAIN, None, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
+    warm_print = loop.fingerprint(standing_still, TRAIN, None, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD, start)
+    assert warm_print != fresh_print
+
+
+def test_the_refit_length_is_a_fraction_of_the_validated_run_rounded_up(tiny):
+    assert [tiny(train__refit_epochs_fraction=0.5).train.refit_epochs(n) for n in (1, 2, 7, 12)] == [1, 1, 4, 6]
+    assert tiny(train__refit_epochs_fraction=1.0).train.refit_epochs(7) == 7
+
+
+def test_the_exported_model_counts_the_validated_epochs_it_continued(tiny):
+    validated, refitted = SimpleNamespace(best_epoch=7), SimpleNamespace(best_epoch=12)
+    assert training.model_epochs(tiny().train, validated, [refitted]) == 19  # refit_start: validated
+    assert training.model_epochs(tiny(train__refit_start="scratch").train, validated, [refitted]) == 12
+    assert training.model_epochs(tiny().train, validated, []) == 7  # no refit: the validated best epoch
 
 
 def test_checkpoint_of_other_settings_is_not_resumed(tiny, tmp_path):
@@ -305,9 +337,9 @@ def test_train_stage_writes_outputs_and_tracks_the_run(make_settings, monkeypatc
         assert path.is_file() and path.stat().st_size > 0, path
     metrics = json.loads((reports / "train" / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and metrics["n_train"] == 49 * 4 and metrics["num_classes"] == 49
-    # The refit (train.refit, on by default): the exported model learned from train + val, as long as the
-    # validated run took.
-    assert metrics["refit"] is True and metrics["model_epochs"] == 2
+    # The refit (train.refit, on by default): the exported model continued from the validated run's best
+    # epoch on train + val for as many epochs as that run took.
+    assert metrics["refit"] is True and metrics["model_epochs"] == metrics["best_epoch"] + 2
     assert metrics["model_train_images"] == 49 * 4 + 49 * 1
     history = (reports / "train" / "history.csv").read_text().splitlines()
     assert history[0] == "epoch,train_loss,val_loss,val_accuracy,val_balanced_accuracy,lr,seconds"
