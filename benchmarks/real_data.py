@@ -171,6 +171,7 @@ def main() -> None:
         print(json.dumps(summarize([json.loads(path.read_text(encoding="utf-8")) for path in args.summarize]),
                          indent=2))
         return
+    commit = _commit()  # now: the code this run imports, before anyone edits the tree during the run
     device = loop.select_device(args.device)
     prefix = data.local_prefix(args.data, None)
     with tempfile.TemporaryDirectory(prefix="real-data-") as scratch:
@@ -185,7 +186,7 @@ def main() -> None:
         "epochs": args.epochs,
         "seed": args.seed,
         "pipeline_changes": args.changes,
-        "commit": _commit(),
+        "commit": commit,
         "recipe": settings.run_identity("model", "augment", "train"),
         "pipeline_full_recipe": recipe,
         "plain_loop": plain,
