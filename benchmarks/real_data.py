@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import subprocess
 import tempfile
 import time
@@ -129,15 +130,13 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     plain = [100 * r["plain_loop"]["test_balanced_accuracy"] for r in results]
     differences = [a - b for a, b in zip(pipeline, plain, strict=True)]
     n = len(differences)
-    mean_difference = sum(differences) / n
-    spread = math.sqrt(sum((d - mean_difference) ** 2 for d in differences) / (n - 1)) if n > 1 else None
     return {
         "runs": n,
         "seeds": [r.get("seed") for r in results],
-        "pipeline_mean": round(sum(pipeline) / n, 3),
-        "plain_mean": round(sum(plain) / n, 3),
-        "pipeline_minus_plain_points": round(mean_difference, 3),
-        "standard_error_points": round(spread / math.sqrt(n), 3) if spread is not None else None,
+        "pipeline_mean": round(statistics.fmean(pipeline), 3),
+        "plain_mean": round(statistics.fmean(plain), 3),
+        "pipeline_minus_plain_points": round(statistics.fmean(differences), 3),
+        "standard_error_points": round(statistics.stdev(differences) / math.sqrt(n), 3) if n > 1 else None,
         "pipeline_ahead_or_level": sum(d >= 0 for d in differences),
     }
 

@@ -35,7 +35,7 @@ def test_one_run_has_no_standard_error_and_none_is_an_error() -> None:
         summarize([])
 
 
-def test_committed_results_summarize_from_the_command_line(tmp_path: Path) -> None:
+def test_result_files_summarize_from_the_command_line(tmp_path: Path) -> None:
     files = []
     for seed, (a, b) in enumerate([(0.98, 0.97), (0.99, 0.985)]):
         path = tmp_path / f"seed{seed}.json"
