@@ -86,7 +86,7 @@ deploy: $(STAMP) ## register the deployments of prefect.yaml
 	$(BIN)/prefect --no-prompt deploy --all
 
 tune: $(STAMP) ## add trials to the current study with WORKERS processes (one shared journal/RDB study)
-	$(BIN)/python -m pipeline.tune --workers $(WORKERS)
+	$(BIN)/python -m pipeline.stages.tune --workers $(WORKERS)
 
 serve: $(STAMP) ## serve the champion model with BentoML (http://$(HOST):$(PORT))
 	$(BIN)/bentoml serve service:Kuzushiji --host $(HOST) --port $(PORT)

@@ -34,10 +34,12 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 
 from benchmarks.train_throughput import cpu_model_name
-from pipeline import data, download, evaluate, loop, prepare, train, tune
+from pipeline import data
 from pipeline.config import load_settings, write_params
 from pipeline.contract import load_classmap, official_file_names
 from pipeline.model import SpinalVGG, count_parameters
+from pipeline.stages import download, evaluate, prepare, train, tune
+from pipeline.training.bundle import predict_logits, select_device
 from pipeline.transforms import BatchAugment
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +113,7 @@ def plain_loop(data_dir: Path, prefix: str, epochs: int, augment_settings: Any, 
             loss.backward()
             optimizer.step()
             schedule.step()
-    predicted = loop.predict_logits(model, x_test, batch_size=1024, device=device).argmax(1)
+    predicted = predict_logits(model, x_test, batch_size=1024, device=device).argmax(1)
     return {
         "test_balanced_accuracy": float(balanced_accuracy_score(y_test, predicted)),
         "test_accuracy": float((predicted == y_test).mean()),
@@ -171,7 +173,7 @@ def main() -> None:
                          indent=2))
         return
     commit = _commit()  # now: the code this run imports, before anyone edits the tree during the run
-    device = loop.select_device(args.device)
+    device = select_device(args.device)
     prefix = data.local_prefix(args.data, None)
     with tempfile.TemporaryDirectory(prefix="real-data-") as scratch:
         seeded = [f"seed={args.seed}"] if args.seed is not None else []

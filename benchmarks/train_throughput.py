@@ -1,6 +1,6 @@
 """Training throughput of SpinalVGG: the step alone vs the full batch pipeline (gather + augment + step).
 
-The loop in ``pipeline.loop.fit`` keeps the uint8 dataset on the device and augments each batch there;
+The loop in ``pipeline.training.loop.fit`` keeps the uint8 dataset on the device and augments each batch there;
 this measures what that costs relative to the optimisation step itself, on the same machine, in the
 same run, with the same functions ``fit`` calls (``load_batch``, ``train_step``, EMA update). Target:
 loading + augmentation <= 5% of the step time. On CUDA it also projects the seconds per K49 epoch.
@@ -27,8 +27,10 @@ import torch
 
 from pipeline.config import load_settings
 from pipeline.contract import GLYPH_SIDE
-from pipeline.loop import load_batch, make_optimizer, make_weight_average, select_device, train_step
 from pipeline.model import build_model, count_parameters
+from pipeline.training.bundle import select_device
+from pipeline.training.loop import load_batch, train_step
+from pipeline.training.plan import make_optimizer, make_weight_average
 from pipeline.transforms import BatchAugment
 
 K49_TRAIN_IMAGES = 232_365  # official K49 training set size

@@ -1,7 +1,7 @@
 """Tuning throughput on PostgreSQL storage: trials a minute with 1 and then 2 worker processes on one study.
 
 Each configuration gets a fresh database on a throw-away PostgreSQL server (tests/postgres.py: Debian's
-binaries, a free loopback port) and runs the real tune stage, ``python -m pipeline.tune --workers N``,
+binaries, a free loopback port) and runs the real tune stage, ``python -m pipeline.stages.tune --workers N``,
 with ``tune.storage: postgresql://...`` (password through PGPASSWORD) on the same tiny synthetic data.
 Pruning is off so every trial does the same work (``tune.epochs`` epochs on the same subset);
 ``pipeline.tune`` gives each of N workers cores // N torch threads, as it always does.
@@ -32,8 +32,9 @@ from typing import Any
 import optuna
 
 from benchmarks.train_throughput import cpu_model_name
-from pipeline import download, prepare, tune
 from pipeline.config import load_settings
+from pipeline.stages import download, prepare
+from pipeline.tuning.study import FINISHED, OWNER_ATTR, open_storage
 from tests.postgres import PostgresServer, database_name, running_postgres
 from tests.prefect_server import write_tiny_params
 
@@ -72,19 +73,19 @@ def measure_workers(server: PostgresServer, workers: int, args: argparse.Namespa
             env["OMP_NUM_THREADS"] = str(args.threads)
         load = os.getloadavg()
         started = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "pipeline.tune", "--workers", str(workers)], env=env,
+        result = subprocess.run([sys.executable, "-m", "pipeline.stages.tune", "--workers", str(workers)], env=env,
                                 cwd=PROJECT_ROOT, capture_output=True, text=True, check=False)
         wall_s = time.perf_counter() - started
         if result.returncode != 0:
             raise RuntimeError(f"tune with {workers} workers failed:\n{result.stderr[-3000:]}")
         os.environ["PGPASSWORD"] = server.password
         settings = load_settings(params)
-        (name,) = optuna.get_all_study_names(tune.open_storage(settings))
-        trials = optuna.load_study(study_name=name, storage=tune.open_storage(settings)).get_trials()
-        finished = [t for t in trials if t.state in tune.FINISHED]
+        (name,) = optuna.get_all_study_names(open_storage(settings))
+        trials = optuna.load_study(study_name=name, storage=open_storage(settings)).get_trials()
+        finished = [t for t in trials if t.state in FINISHED]
         window_s = (max(t.datetime_complete for t in finished)
                     - min(t.datetime_start for t in finished)).total_seconds()
-        owners = {t.user_attrs[tune.OWNER_ATTR]["pid"] for t in finished}
+        owners = {t.user_attrs[OWNER_ATTR]["pid"] for t in finished}
         return {
             "workers": workers,
             "torch_threads_per_worker": args.threads or max(1, (os.cpu_count() or 1) // workers),

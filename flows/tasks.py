@@ -35,14 +35,14 @@ class StageFunction:
 
 
 STAGE_FUNCTIONS: dict[str, StageFunction] = {
-    "download": StageFunction("pipeline.download:run", retried=True),
-    "prepare": StageFunction("pipeline.prepare:run"),
-    "tune": StageFunction("pipeline.tune:run", takes_workers=True),
+    "download": StageFunction("pipeline.stages.download:run", retried=True),
+    "prepare": StageFunction("pipeline.stages.prepare:run"),
+    "tune": StageFunction("pipeline.stages.tune:run", takes_workers=True),
     # Tuned values (models/best_params.yaml) are the train stage's own input, applied inside its `run`.
-    "train": StageFunction("pipeline.train:run"),
-    "evaluate": StageFunction("pipeline.evaluate:run"),
-    "register": StageFunction("pipeline.registry:run"),
-    "package": StageFunction("pipeline.bento:import_champion"),
+    "train": StageFunction("pipeline.stages.train:run"),
+    "evaluate": StageFunction("pipeline.stages.evaluate:run"),
+    "register": StageFunction("pipeline.stages.register:run"),
+    "package": StageFunction("pipeline.stages.package:import_champion"),
 }
 STAGES = tuple(STAGE_FUNCTIONS)
 

@@ -45,5 +45,8 @@ def project_closure(*modules: str) -> set[str]:
         if path in seen:
             continue
         seen.add(path)
-        todo.extend(p for name in _imported_names(path) if (p := _module_path(name)) is not None)
+        names = _imported_names(path)
+        # Importing a.b.c runs a/__init__.py and a/b/__init__.py first (a package facade imports its parts).
+        names |= {".".join(name.split(".")[:depth]) for name in names for depth in range(1, name.count(".") + 1)}
+        todo.extend(p for name in names if (p := _module_path(name)) is not None)
     return {str(path.relative_to(PROJECT_ROOT)) for path in seen}

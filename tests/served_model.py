@@ -1,7 +1,7 @@
 """A real `bentoml serve` on 127.0.0.1 serving a SpinalVGG trained seconds on rendered glyphs.
 
 Shared by the service tests (HTTP) and the page tests (a browser): the model is trained, exported to ONNX,
-imported into a BentoML store under the given folder (BENTOML_HOME) with ``python -m pipeline.bento store``
+imported into a BentoML store under the given folder (BENTOML_HOME) with ``python -m pipeline.stages.package store``
 and served on a free port; the server is always stopped.
 """
 
@@ -73,7 +73,7 @@ def serve_tiny_model(work: Path, serve_overrides: dict[str, Any] | None = None) 
     env = {"BENTOML_HOME": str(work / "bentoml"), "KUZUSHIJI_PARAMS": str(work / "params.yaml"),
            "BENTOML_DO_NOT_TRACK": "True"}
     store = subprocess.run(
-        [sys.executable, "-m", "pipeline.bento", "store", "--onnx", str(work / "model.onnx"),
+        [sys.executable, "-m", "pipeline.stages.package", "store", "--onnx", str(work / "model.onnx"),
          "--classmap", str(work / "classmap.csv"), "--meta", str(work / "meta.json"),
          "--registry-version", REGISTRY_VERSION],
         cwd=PROJECT_ROOT, env={**os.environ, **env}, capture_output=True, text=True, check=True,

@@ -3,7 +3,7 @@
 ``/predict_batch`` answers against the same model run in this process's environment.
 
 The model is a small SpinalVGG trained here on rendered K49 characters and put into a BentoML store in a
-temp dir (``pipeline.bento store``), so the test needs no pipeline run. On hosts that cannot pull public
+temp dir (``pipeline.stages.package store``), so the test needs no pipeline run. On hosts that cannot pull public
 images (the project's CI) set ``KUZUSHIJI_RESTRICTED_HOST=1``: the script then builds on a Debian base made
 with debootstrap (cached in podman's store between runs), see docs/CONTAINER.md.
 """
@@ -62,8 +62,8 @@ def model_store(make_settings, tmp_path: Path) -> tuple[Path, str]:
     from pipeline.contract import write_classmap
     from pipeline.data import OFFICIAL_CLASSMAPS, LabeledImages
     from pipeline.export import export_onnx
-    from pipeline.loop import fit
     from pipeline.synthetic import render_glyph
+    from pipeline.training.loop import fit
 
     settings = make_settings({"train.epochs": EPOCHS, "train.device": "cpu"})
     classmap = OFFICIAL_CLASSMAPS["k49"]
@@ -85,7 +85,7 @@ def model_store(make_settings, tmp_path: Path) -> tuple[Path, str]:
 
     home = tmp_path / "bentoml"  # outside the bento build context (the project root)
     stored = subprocess.run(
-        [sys.executable, "-m", "pipeline.bento", "store", "--onnx", str(onnx),
+        [sys.executable, "-m", "pipeline.stages.package", "store", "--onnx", str(onnx),
          "--classmap", str(classmap_csv), "--meta", str(meta), "--registry-version", REGISTRY_VERSION],
         cwd=PROJECT_ROOT, env=_store_env(home), capture_output=True, text=True, timeout=300,
     )

@@ -16,7 +16,6 @@ from typing import Self
 
 import pytest
 
-from pipeline import download
 from pipeline.config import DownloadSettings
 from pipeline.contract import (
     DataError,
@@ -29,7 +28,8 @@ from pipeline.data import (
     md5_of,
     read_manifest,
 )
-from pipeline.download import download_files
+from pipeline.stages import download
+from pipeline.stages.download import download_files
 from tests.official_files import checksums, write_official_folder
 from tests.support import PROJECT_ROOT, free_port
 
@@ -191,7 +191,7 @@ def test_transfer_killed_midway_leaves_nothing_a_rerun_accepts(tmp_path, officia
     server.plans[name] = ["trickle"]
     script = (
         "import sys; from pathlib import Path; from pipeline.config import DownloadSettings; "
-        "from pipeline.download import download_files; "
+        "from pipeline.stages.download import download_files; "
         f"download_files({server.url!r}, Path({str(dest)!r}), {expected!r}, "
         "DownloadSettings(timeout_s=60, retries=0, backoff_s=0))"
     )

@@ -13,9 +13,11 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
-from pipeline import evaluate, tracking
+from pipeline import tracking
 from pipeline.config import Settings
 from pipeline.contract import BUNDLE_FILE, TRAIN_RUN_FILE, DataError, TrainRun
+from pipeline.stages import evaluate
+from pipeline.training.bundle import save_bundle
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CHARS = ["あ", "い", "う", "え", "お"]
@@ -113,8 +115,9 @@ def test_evaluate_stage_end_to_end(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Synthetic test split + an (untrained) saved bundle + a real MLflow run: every output is written."""
-    from pipeline import data, download, loop
+    from pipeline import data
     from pipeline.model import SpinalVGG
+    from pipeline.stages import download
 
     monkeypatch.delenv(tracking.TRACKING_URI_ENV, raising=False)
     settings = make_settings({
@@ -126,7 +129,7 @@ def test_evaluate_stage_end_to_end(
     torch.manual_seed(0)
     model = SpinalVGG(len(classmap), spinal_width=8, dropout=0.5, pixel_mean=0.2, pixel_std=0.3)
     models = settings.path("models")
-    loop.save_bundle(models / BUNDLE_FILE, model, {"classes": list(classmap.chars)})
+    save_bundle(models / BUNDLE_FILE, model, {"classes": list(classmap.chars)})
     with tracking.start_run(settings, "train") as active:
         pass
     (models / TRAIN_RUN_FILE).write_text(json.dumps({"run_id": active.info.run_id}), encoding="utf-8")

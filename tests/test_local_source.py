@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import download, prepare
 from pipeline.contract import (
     NPZ_KEY,
     ClassMap,
@@ -27,6 +26,7 @@ from pipeline.data import (
     read_manifest,
     write_npz,
 )
+from pipeline.stages import download, prepare
 from tests.official_files import write_official_folder
 
 Paths = dict[str, Path]

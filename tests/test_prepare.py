@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import download, prepare
 from pipeline.contract import (
     GLYPH_SIDE,
     NPZ_KEY,
@@ -32,6 +31,7 @@ from pipeline.data import (
     subset_per_class,
     write_npz,
 )
+from pipeline.stages import download, prepare
 from tests.official_files import class_images
 
 # An imbalanced 5-class set (like K49, where classes range from 392 to 6,000 images).

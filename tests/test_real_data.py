@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import data, download, evaluate, prepare, registry, train, tune
+from pipeline import data
 from pipeline.config import Settings, load_settings, write_params
 from pipeline.contract import ONNX_FILE, ONNX_INPUT, onnx_session
+from pipeline.stages import download, evaluate, prepare, train, tune
+from pipeline.stages import register as registry
 from tests.support import PROJECT_ROOT
 
 KMNIST_DEV = PROJECT_ROOT.parent / "shared" / "data" / "kmnist-dev"

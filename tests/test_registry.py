@@ -11,10 +11,11 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipeline import registry, tracking
+from pipeline import tracking
 from pipeline.config import Settings, load_settings, write_params
 from pipeline.contract import CLASSMAP_FILE, TRAIN_RUN_FILE, ClassMap, TrainRun, write_classmap
 from pipeline.export import export_onnx
+from pipeline.stages import register as registry
 from tests.support import PROJECT_ROOT
 from tests.test_export import raw_pixels, small_model
 
@@ -231,7 +232,7 @@ def test_each_dataset_has_its_own_champion_and_bento_model(settings: Settings, t
                                                            bento_store: Path) -> None:
     import bentoml
 
-    from pipeline import bento
+    from pipeline.stages import package as bento
 
     synthetic = named(settings, "perdata")
     k49 = synthetic.with_overrides({"data.dataset": "k49"})
@@ -263,7 +264,7 @@ def test_bento_model_is_reused_only_for_the_same_model_version_run_and_bytes(
         settings: Settings, bento_store: Path, tmp_path: Path) -> None:
     import bentoml
 
-    from pipeline import bento
+    from pipeline.stages import package as bento
 
     files = tmp_path / "files"
     files.mkdir()

@@ -25,9 +25,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline import download, evaluate, prepare, registry, tracking, train, tune
+from pipeline import tracking
 from pipeline.config import Settings, load_settings
 from pipeline.contract import STATUS_READY, TAG_STATUS
+from pipeline.stages import download, evaluate, prepare, train, tune
+from pipeline.stages import register as registry
+from pipeline.tuning.study import FAIL_REASON_ATTR, FINISHED, OWNER_ATTR, TuneError, open_storage
 from tests.postgres import PostgresServer, database_name, running_postgres
 from tests.prefect_server import VENV_BIN, client_env, copy_project, flow_runs, write_tiny_params
 from tests.support import PROJECT_ROOT, background_process, free_port
@@ -142,8 +145,8 @@ def _runs(client: mlflow.MlflowClient, settings: Settings, query: str) -> list[A
 
 
 def _study(settings: Settings) -> optuna.Study:
-    (name,) = optuna.get_all_study_names(tune.open_storage(settings))
-    return optuna.load_study(study_name=name, storage=tune.open_storage(settings))
+    (name,) = optuna.get_all_study_names(open_storage(settings))
+    return optuna.load_study(study_name=name, storage=open_storage(settings))
 
 
 def _assert_one_mlflow_run_per_trial(client: mlflow.MlflowClient, settings: Settings,
@@ -176,7 +179,7 @@ def test_connection_errors_name_the_setting_to_fix(
                     "server down": "Connection refused"}[failure]
         settings = load_settings(write_tiny_params(tmp_path, {**shared_data, "tune.storage": url}))
 
-        with pytest.raises(tune.TuneError, match=rf"(?s)tune\.storage.*{expected}") as tune_error:
+        with pytest.raises(TuneError, match=rf"(?s)tune\.storage.*{expected}") as tune_error:
             tune.run(settings)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         started = time.monotonic()
@@ -242,7 +245,7 @@ def test_pipeline_tracks_straight_into_postgres_and_a_failed_connection_keeps_th
     assert str(still.version) == record["version"]
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
     wrong_storage = postgres.url(databases["optuna"], password="wrong")
-    with pytest.raises(tune.TuneError, match=r"tune\.storage"):
+    with pytest.raises(TuneError, match=r"tune\.storage"):
         tune.run(settings.with_overrides({"tune.storage": wrong_storage}))
     assert len(_runs(client, settings, "tags.stage = 'tune'")) == 1
 
@@ -336,9 +339,9 @@ def _tune_on_two_workers_then_train_and_package(
     trials = study.get_trials()
     assert [trial.number for trial in trials] == list(range(len(trials)))
     assert not [trial for trial in trials if trial.state == TrialState.RUNNING]
-    assert n_trials <= sum(trial.state in tune.FINISHED for trial in trials) <= n_trials + 1
+    assert n_trials <= sum(trial.state in FINISHED for trial in trials) <= n_trials + 1
     flow_run_pids = {int(str(run["infrastructure_pid"]).rpartition(":")[2]) for run in runs}
-    assert {trial.user_attrs[tune.OWNER_ATTR]["pid"] for trial in trials} <= flow_run_pids
+    assert {trial.user_attrs[OWNER_ATTR]["pid"] for trial in trials} <= flow_run_pids
 
     # Through the tracking server: a run per trial nested under the study's tune run, figures uploaded
     # through the server into its artifact destination.
@@ -385,7 +388,7 @@ def test_a_killed_worker_on_another_machine_is_failed_by_the_heartbeat_and_the_s
     # The first process reports another host name, like a worker on a second machine: this host's
     # dead-process check cannot judge its trials, so only the RDB heartbeat can fail the killed one.
     on_another_machine = ("import socket; socket.gethostname = lambda: 'another-tuning-machine'; "
-                          "from pipeline.tune import main; main([])")
+                          "from pipeline.stages.tune import main; main([])")
     first_log = tmp_path / "first.log"
     with first_log.open("wb") as log:
         process = subprocess.Popen([sys.executable, "-c", on_another_machine], env=env, cwd=PROJECT_ROOT,
@@ -399,16 +402,16 @@ def test_a_killed_worker_on_another_machine_is_failed_by_the_heartbeat_and_the_s
     assert before, f"never saw a finished and a running trial:\n{first_log.read_text()[-3000:]}"
     time.sleep(2 * heartbeat_s + 1)  # past the grace period: the killed trial's heartbeat is stale
 
-    result = subprocess.run([sys.executable, "-m", "pipeline.tune"], env=env, cwd=PROJECT_ROOT,
+    result = subprocess.run([sys.executable, "-m", "pipeline.stages.tune"], env=env, cwd=PROJECT_ROOT,
                             capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     study = _study(settings)  # one study: resumed, not a new one
     trials = study.get_trials()
     assert {t.number: (t.state.name, t.value) for t in trials if t.number in before} == before
-    assert sum(t.state in tune.FINISHED for t in trials) == settings.tune.n_trials
+    assert sum(t.state in FINISHED for t in trials) == settings.tune.n_trials
     (killed,) = [t for t in trials if t.state == TrialState.FAIL]
-    assert tune.FAIL_REASON_ATTR not in killed.user_attrs  # not the local dead-process check
-    assert killed.user_attrs[tune.OWNER_ATTR]["host"] == "another-tuning-machine"
+    assert FAIL_REASON_ATTR not in killed.user_attrs  # not the local dead-process check
+    assert killed.user_attrs[OWNER_ATTR]["host"] == "another-tuning-machine"
     assert "no heartbeat" in result.stderr
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     client = _client(tracking.tracking_uri(settings))
@@ -427,8 +430,8 @@ def _kill_once_a_trial_finished_and_another_runs(process: subprocess.Popen,
             trials = _study(settings).get_trials()
         except ValueError:  # no study yet
             continue
-        finished = [t for t in trials if t.state in tune.FINISHED]
-        running = [t for t in trials if t.state == TrialState.RUNNING and tune.OWNER_ATTR in t.user_attrs]
+        finished = [t for t in trials if t.state in FINISHED]
+        running = [t for t in trials if t.state == TrialState.RUNNING and OWNER_ATTR in t.user_attrs]
         if finished and running:
             os.kill(process.pid, signal.SIGKILL)
             return {t.number: (t.state.name, t.value) for t in finished}

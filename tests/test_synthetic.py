@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import download, synthetic
+from pipeline import synthetic
 from pipeline.contract import (
     GLYPH_SIDE,
     official_file_names,
@@ -19,6 +19,7 @@ from pipeline.data import (
     md5_of,
     read_manifest,
 )
+from pipeline.stages import download
 
 # PCA(50) + logistic regression on 40 images per class, scored on 10 per class: measured balanced
 # accuracy 0.77-0.81 over seeds 0-3 (chance is 1/49 = 0.02). The bound leaves a wide margin.

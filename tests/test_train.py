@@ -13,9 +13,13 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
-from pipeline import loop
-from pipeline import train as training
 from pipeline.model import SpinalVGG
+from pipeline.stages import train as training
+from pipeline.training import loop
+from pipeline.training.bundle import load_bundle, predict_logits, save_bundle, select_device
+from pipeline.training.checkpoint import fingerprint, load
+from pipeline.training.plan import class_weights, ema_decay_at, make_scheduler, make_weight_average, plan_steps
+from pipeline.training.records import TrainingDiverged
 
 NUM_CLASSES = 4
 PIXEL_MEAN, PIXEL_STD = 0.15, 0.3
@@ -77,7 +81,7 @@ def test_early_stopping_restores_the_best_weights(tiny):
     assert result.stopped_early
     assert [m.epoch for m in result.history] == [1, 2]
     assert result.best_epoch == 1
-    logits = torch.from_numpy(loop.predict_logits(result.model, VAL.images, 7, "cpu"))
+    logits = torch.from_numpy(predict_logits(result.model, VAL.images, 7, "cpu"))
     val_loss = nn.functional.cross_entropy(logits, torch.from_numpy(VAL.labels)).item()
     assert val_loss == pytest.approx(result.history[0].val_loss, rel=1e-4)
     assert val_loss != pytest.approx(result.history[1].val_loss, rel=1e-4)
@@ -158,8 +162,8 @@ def test_a_warm_start_continues_from_the_given_weights(tiny):
         assert torch.allclose(dict(warm.model.named_parameters())[name], weight, atol=1e-6), name
     assert not torch.allclose(dict(fresh.model.named_parameters())["head.1.weight"],
                               start["head.1.weight"], atol=1e-3)
-    fresh_print = loop.fingerprint(standing_still, TRAIN, None, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
-    warm_print = loop.fingerprint(standing_still, TRAIN, None, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD, start)
+    fresh_print = fingerprint(standing_still, TRAIN, None, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
+    warm_print = fingerprint(standing_still, TRAIN, None, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD, start)
     assert warm_print != fresh_print
 
 
@@ -179,20 +183,20 @@ def test_checkpoint_of_other_settings_is_not_resumed(tiny, tmp_path):
     settings = tiny(train__epochs=1)
     checkpoint = tmp_path / "run.pt"
     loop.fit(settings, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD, checkpoint_path=checkpoint)
-    same = loop.fingerprint(settings, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
-    assert loop._load_checkpoint(checkpoint, same) is not None
+    same = fingerprint(settings, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
+    assert load(checkpoint, same) is not None
     # Device and validation batch size do not change the trajectory; lr and the data do.
     portable = settings.with_overrides({"train.device": "auto", "train.eval_batch_size": 3})
-    assert loop.fingerprint(portable, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD) == same
+    assert fingerprint(portable, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD) == same
     other_lr = settings.with_overrides({"train.lr": 0.01})
-    assert loop.fingerprint(other_lr, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD) != same
+    assert fingerprint(other_lr, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD) != same
     flipped = Split(TRAIN.images.copy(), TRAIN.labels)
     flipped.images[0, 0, 0] ^= 1
-    other_data = loop.fingerprint(settings, flipped, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
-    assert other_data != same and loop._load_checkpoint(checkpoint, other_data) is None
+    other_data = fingerprint(settings, flipped, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
+    assert other_data != same and load(checkpoint, other_data) is None
     # A truncated file is ignored (training starts fresh) instead of crashing the stage.
     checkpoint.write_bytes(checkpoint.read_bytes()[:100])
-    assert loop._load_checkpoint(checkpoint, same) is None
+    assert load(checkpoint, same) is None
 
 
 def test_interrupted_stage_resumes_its_mlflow_run_only_for_the_same_fingerprint(tmp_path):
@@ -210,7 +214,7 @@ def test_interrupted_stage_resumes_its_mlflow_run_only_for_the_same_fingerprint(
 
 def test_divergence_stops_with_a_clear_error(tiny):
     settings = tiny(train__epochs=1, train__optimizer="sgd", train__lr=1e12, train__label_smoothing=0.0)
-    with pytest.raises(loop.TrainingDiverged, match="lower train.lr"):
+    with pytest.raises(TrainingDiverged, match="lower train.lr"):
         loop.fit(settings, TRAIN, VAL, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD)
 
 
@@ -237,7 +241,7 @@ def test_validation_balanced_accuracy_matches_sklearn():
     predicted = np.array([0] * 7 + [1] + [1, 1, 0] + [2, 3] + [3])
     images = np.zeros((len(labels), 28, 28), np.uint8)
     images[:, 0, 0] = predicted
-    loss, accuracy, balanced = loop._validate(
+    loss, accuracy, balanced = loop.validate(
         FixedPredictions(), torch.from_numpy(images), torch.from_numpy(labels), NUM_CLASSES, 5, False, False)
     assert balanced == pytest.approx(balanced_accuracy_score(labels, predicted))
     assert accuracy == pytest.approx(np.mean(labels == predicted))
@@ -246,7 +250,7 @@ def test_validation_balanced_accuracy_matches_sklearn():
 
 
 def test_class_weights_are_inverse_frequency_with_mean_one():
-    weights = loop.class_weights(np.array([0] * 6 + [1] * 3 + [2] * 1), 3)
+    weights = class_weights(np.array([0] * 6 + [1] * 3 + [2] * 1), 3)
     assert weights.mean().item() == pytest.approx(1.0)
     assert weights[2] / weights[0] == pytest.approx(6.0)
 
@@ -257,10 +261,10 @@ def test_schedules_warm_up_peak_at_lr_and_decay(make_settings, schedule):
                          "train.lr": 0.1, "train.step_every": 4, "train.step_gamma": 0.5,
                          "train.batch_size": 8, "train.min_steps_per_epoch": 0}).train
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    plan = loop.plan_steps(cfg, n_train=40)
+    plan = plan_steps(cfg, n_train=40)
     steps = plan.steps_per_epoch
     assert (steps, plan.warmup_steps) == (5, 10)
-    scheduler, per_batch = loop.make_scheduler(cfg, optimizer, plan)
+    scheduler, per_batch = make_scheduler(cfg, optimizer, plan)
     lrs = []
     for _ in range(cfg.epochs):
         for _ in range(steps):
@@ -281,14 +285,14 @@ def test_schedules_warm_up_peak_at_lr_and_decay(make_settings, schedule):
 
 def test_bundle_round_trip_and_predict_logits(tmp_path):
     model = SpinalVGG(NUM_CLASSES, spinal_width=16, pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD).eval()
-    path = loop.save_bundle(tmp_path / "model.pt", model, {"classes": ["あ", "い", "う", "え"]})
-    loaded, meta = loop.load_bundle(path)
+    path = save_bundle(tmp_path / "model.pt", model, {"classes": ["あ", "い", "う", "え"]})
+    loaded, meta = load_bundle(path)
     assert meta["classes"] == ["あ", "い", "う", "え"]
     assert meta["model"] == model.config()
-    expected = loop.predict_logits(model, VAL.images, 5, "cpu")
+    expected = predict_logits(model, VAL.images, 5, "cpu")
     assert expected.shape == (len(VAL.labels), NUM_CLASSES) and expected.dtype == np.float32
     # Same weights; only the batching differs (64 vs 5), which may move the last float bit.
-    np.testing.assert_allclose(loop.predict_logits(loaded, VAL.images, 64, "cpu"), expected,
+    np.testing.assert_allclose(predict_logits(loaded, VAL.images, 64, "cpu"), expected,
                                rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         direct = model(torch.from_numpy(VAL.images).float().unsqueeze(1)).numpy()
@@ -296,17 +300,17 @@ def test_bundle_round_trip_and_predict_logits(tmp_path):
 
     (tmp_path / "broken.pt").write_bytes(b"not a bundle")
     with pytest.raises(ValueError, match="not a valid model bundle"):
-        loop.load_bundle(tmp_path / "broken.pt")
+        load_bundle(tmp_path / "broken.pt")
     with pytest.raises(FileNotFoundError, match="run the train stage"):
-        loop.load_bundle(tmp_path / "missing.pt")
+        load_bundle(tmp_path / "missing.pt")
 
 
 def test_select_device():
-    assert loop.select_device("cpu").type == "cpu"
-    assert loop.select_device("auto").type in ("cuda", "mps", "cpu")
+    assert select_device("cpu").type == "cpu"
+    assert select_device("auto").type in ("cuda", "mps", "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no cuda device"):
-            loop.select_device("cuda")
+            select_device("cuda")
 
 
 @pytest.mark.slow
@@ -316,7 +320,7 @@ def test_train_stage_writes_outputs_and_tracks_the_run(make_settings, monkeypatc
 
     import mlflow
 
-    from pipeline import download, prepare
+    from pipeline.stages import download, prepare
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     settings = make_settings({
@@ -344,7 +348,7 @@ def test_train_stage_writes_outputs_and_tracks_the_run(make_settings, monkeypatc
     history = (reports / "train" / "history.csv").read_text().splitlines()
     assert history[0] == "epoch,train_loss,val_loss,val_accuracy,val_balanced_accuracy,lr,seconds"
     assert len(history) == 3
-    model, meta = loop.load_bundle(models / "model.pt")
+    model, meta = load_bundle(models / "model.pt")
     assert meta["classes"][0] == "あ" and meta["model"]["num_classes"] == 49
 
     run_info = json.loads((models / "train_run.json").read_text())
@@ -370,13 +374,13 @@ def test_train_stage_writes_outputs_and_tracks_the_run(make_settings, monkeypatc
 def test_small_data_gets_a_smaller_batch_and_proportional_lr(make_settings):
     cfg = make_settings({"train.batch_size": 256, "train.lr": 0.1, "train.min_steps_per_epoch": 64,
                          "train.min_batch_size": 32, "train.epochs": 12, "train.warmup_fraction": 0.1}).train
-    large = loop.plan_steps(cfg, n_train=209_000)  # K49's train split
+    large = plan_steps(cfg, n_train=209_000)  # K49's train split
     assert (large.batch_size, large.lr, large.steps_per_epoch) == (256, 0.1, 816)
-    small = loop.plan_steps(cfg, n_train=5_410)  # kmnist-dev's train split
+    small = plan_steps(cfg, n_train=5_410)  # kmnist-dev's train split
     assert (small.batch_size, small.steps_per_epoch) == (64, 84)
     assert small.lr == pytest.approx(0.025)
     assert small.total_steps == 12 * 84 and small.warmup_steps == round(0.1 * 12 * 84)
-    tiny_data = loop.plan_steps(cfg, n_train=500)  # halving stops at min_batch_size
+    tiny_data = plan_steps(cfg, n_train=500)  # halving stops at min_batch_size
     assert tiny_data.batch_size == 32 and tiny_data.lr == pytest.approx(0.0125)
 
 
@@ -390,7 +394,7 @@ def test_weight_average_tracks_the_trained_model_from_the_first_steps():
     model = SpinalVGG(NUM_CLASSES, spinal_width=16, dropout=0.0, pixel_mean=PIXEL_MEAN, pixel_std=PIXEL_STD)
     initial = SpinalVGG(**model.config())
     initial.load_state_dict(model.state_dict())
-    warmed = loop.make_weight_average(model, max_decay=0.999)
+    warmed = make_weight_average(model, max_decay=0.999)
     fixed = torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999), use_buffers=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.003)
@@ -413,9 +417,9 @@ def test_weight_average_tracks_the_trained_model_from_the_first_steps():
 
 
 def test_weight_average_decay_warms_up_to_its_cap():
-    assert loop.ema_decay_at(0, 0.999) == pytest.approx(0.1)
-    assert loop.ema_decay_at(90, 0.999) == pytest.approx(0.91)
-    assert loop.ema_decay_at(50_000, 0.999) == 0.999
+    assert ema_decay_at(0, 0.999) == pytest.approx(0.1)
+    assert ema_decay_at(90, 0.999) == pytest.approx(0.91)
+    assert ema_decay_at(50_000, 0.999) == 0.999
 
 
 def test_tuned_values_overlay_the_profile_but_not_the_command_line(tmp_path):

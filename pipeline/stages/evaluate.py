@@ -115,7 +115,7 @@ def rotate_images(images: np.ndarray, degrees: float) -> np.ndarray:
 def predict_proba(model: Any, images: np.ndarray, batch_size: int, device: Any,
                   rotations_deg: Sequence[float] = (0.0,)) -> np.ndarray:
     """Class probabilities (N, C), averaged over one view per rotation (test-time augmentation)."""
-    from pipeline.loop import predict_logits
+    from pipeline.training.bundle import predict_logits
 
     if not rotations_deg:
         raise EvaluationError("evaluate.tta_rotations_deg is empty: list at least one angle (e.g. [0.0])")
@@ -216,10 +216,11 @@ def plot_worst_errors(images: np.ndarray, y_true: np.ndarray, probs: np.ndarray,
 
 def run(settings: Settings) -> dict[str, Any]:
     """Evaluate stage: predict the test split, write metrics/reports/figures, log them to the train run."""
-    from pipeline import data, loop, tracking
+    from pipeline import data, tracking
+    from pipeline.training.bundle import load_bundle, select_device
 
     models = settings.path("models")
-    model, meta = loop.load_bundle(models / BUNDLE_FILE)
+    model, meta = load_bundle(models / BUNDLE_FILE)
     run_id = TrainRun.read(models / TRAIN_RUN_FILE).run_id
     test = data.load_test(settings)
     chars = [str(char) for char in meta.get("classes", [])]
@@ -238,7 +239,7 @@ def run(settings: Settings) -> dict[str, Any]:
 
     cfg = settings.evaluate
     rotations = list(cfg.tta_rotations_deg) if cfg.tta else [0.0]
-    device = loop.select_device(settings.train.device)
+    device = select_device(settings.train.device)
     probs = predict_proba(model, test.images, cfg.batch_size, device, rotations)
     y_true, y_pred = test.labels, probs.argmax(axis=1)
 

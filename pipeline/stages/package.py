@@ -7,8 +7,8 @@ model of that name already holds the same registered model, version, run and ONN
 nothing is written to the store. A version number alone is not enough: another dataset's registered model
 or a fresh MLflow store hands out the same numbers.
 
-CLI: ``python -m pipeline.bento import`` (the ``package`` DVC stage), and
-``python -m pipeline.bento store --onnx F --classmap F --meta F --registry-version V`` to package local
+CLI: ``python -m pipeline.stages.package import`` (the ``package`` DVC stage), and
+``python -m pipeline.stages.package store --onnx F --classmap F --meta F --registry-version V`` to package local
 files without MLflow (tests, benchmarks, air-gapped hosts).
 """
 
@@ -160,7 +160,7 @@ def _count_rows(classmap_path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bento", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.stages.package", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=None, help="params.yaml to use (default: the project's)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("import", help="registry champion -> BentoML model store (package stage)")

@@ -1,0 +1,1 @@
+"""Hyperparameter search: the Optuna objective and the study storage."""
