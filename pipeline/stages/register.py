@@ -21,16 +21,11 @@ import logging
 import math
 from typing import Any
 
-import mlflow
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
-
 from pipeline import tracking
 from pipeline.config import Settings
 from pipeline.contract import (
     CLASSMAP_FILE,
     HEADLINE_METRIC,
-    STATUS_FAILED,
     STATUS_PENDING,
     STATUS_READY,
     TAG_STATUS,
@@ -72,113 +67,89 @@ def quality_floor(settings: Settings, num_classes: int) -> float:
     return chance + (1.0 - chance) / 2
 
 
-def _client(settings: Settings) -> mlflow.MlflowClient:
-    tracking.configure(settings)
-    uri = tracking.tracking_uri(settings)
-    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def _is(exc: MlflowException, code: int) -> bool:
-    return exc.error_code == ErrorCode.Name(code)
-
-
 def run(settings: Settings) -> dict[str, Any]:
     """Register stage: new model version from ``models/train_run.json``'s run, then champion/challenger."""
-    client = _client(settings)
-    name = settings.registered_model_name()
+    registry = tracking.ModelRegistry(settings, settings.registered_model_name())
     run_id = TrainRun.read(settings.path("models") / TRAIN_RUN_FILE).run_id
     floor = quality_floor(settings, len(load_classmap(settings.path("models") / CLASSMAP_FILE)))
-    try:
-        train_run = client.get_run(run_id)
-    except MlflowException as exc:
+    train_run = registry.run(run_id)
+    if train_run is None:
         raise RegistryError(f"training run {run_id} not found at {tracking.redact(tracking.tracking_uri(settings))}: "
-                            "re-run the train stage or point MLFLOW_TRACKING_URI at its store") from exc
+                            "re-run the train stage or point MLFLOW_TRACKING_URI at its store")
     metrics = _test_metrics(train_run)
-    base_tags = {
+    base_tags = _version_tags(settings, train_run, metrics)
+    registry.ensure_model("SpinalVGG classifiers of cursive hiragana")
+    number: str | None = None  # set as soon as the version exists: from then on a failure marks it failed
+    try:
+        version = registry.existing_version(run_id)
+        if version is None:
+            version = registry.create_version(run_id, {**base_tags, TAG_STATUS: STATUS_PENDING})
+            log.info("registered %s version %s from run %s", registry.name, version.version, run_id)
+        else:
+            log.info("run %s is already %s version %s: re-deciding its aliases", run_id, registry.name,
+                     version.version)
+        number = str(version.version)  # MLflow returns int or str depending on the call
+        previous = registry.by_alias(settings.registry.champion_alias)
+        decision, reason = decide(metrics[HEADLINE_METRIC], base_tags[tracking.TAG_DATASET], number,
+                                  previous, settings.registry.champion_alias, floor)
+        registry.tag(number, {**base_tags, TAG_DECISION: decision, TAG_REASON: reason},
+                     description=f"{decision}: {reason}")
+        champion_version = _move_aliases(registry, settings, decision, number, previous)
+        report = {
+            "model_name": registry.name, "version": number, "run_id": run_id, "decision": decision,
+            "reason": reason, "alias": _alias_of(settings, decision), "min_balanced_accuracy": floor,
+            "champion_version": champion_version,
+            "previous_champion_version": str(previous.version) if previous else None,
+            f"previous_champion_{HEADLINE_METRIC}": _metric_of(previous), "metrics": metrics,
+            "dataset": base_tags[tracking.TAG_DATASET],
+            "tracking_uri": tracking.redact(tracking.tracking_uri(settings)),  # no password in a file
+        }
+        write_json(settings.path("reports") / REPORT_FILE, report)
+        registry.tag(number, {TAG_STATUS: STATUS_READY})
+    except BaseException as exc:
+        if number is not None:
+            registry.roll_back(number, exc)
+        raise
+    log.info("%s version %s: %s (%s)", registry.name, number, decision, reason)
+    if decision == DECISION_REJECTED:
+        raise QualityGateError(
+            f"{registry.name} version {number} is rejected: {reason}. The {settings.registry.champion_alias} "
+            f"(v{report['previous_champion_version'] or 'none'}) and the served model are unchanged. Look at "
+            "reports/train/history.csv (did validation accuracy rise?), reports/figures/training_curves.png "
+            "and reports/figures/augmented_samples.png, and at train.lr / train.epochs in params.yaml")
+    return report
+
+
+def _version_tags(settings: Settings, train_run: Any, metrics: dict[str, float]) -> dict[str, str]:
+    """Test metrics, dataset, data checksums and the training commit: what every version carries."""
+    tags = {
         **{key: _fmt(value) for key, value in metrics.items()},
         tracking.TAG_DATASET: train_run.data.tags.get(tracking.TAG_DATASET, settings.data.dataset),
         **_data_tags(settings, train_run),
     }
     commit = train_run.data.tags.get(tracking.TAG_GIT_COMMIT)
     if commit:
-        base_tags[tracking.TAG_GIT_COMMIT] = commit
+        tags[tracking.TAG_GIT_COMMIT] = commit
+    return tags
 
-    _ensure_registered_model(client, name)
+
+def _alias_of(settings: Settings, decision: str) -> str:
     aliases = settings.registry
-    number: str | None = None  # set as soon as the version exists: from then on a failure marks it failed
-    undo: list[tuple[str, str | None]] = []  # (alias, version it pointed to before this stage)
+    return {DECISION_CHAMPION: aliases.champion_alias, DECISION_CHALLENGER: aliases.challenger_alias,
+            DECISION_REJECTED: aliases.rejected_alias}[decision]
 
-    def point(alias: str, target: str | None) -> None:
-        current = tracking.version_by_alias(client, name, alias)
-        before = str(current.version) if current else None
-        if before == target:
-            return
-        undo.append((alias, before))
-        if target is None:
-            client.delete_registered_model_alias(name, alias)
-        else:
-            client.set_registered_model_alias(name, alias, target)
 
-    try:
-        version = _existing_version(client, name, run_id)
-        if version is None:
-            version = _create_version(client, name, run_id, {**base_tags, TAG_STATUS: STATUS_PENDING})
-            log.info("registered %s version %s from run %s", name, version.version, run_id)
-        else:
-            log.info("run %s is already %s version %s: re-deciding its aliases", run_id, name,
-                     version.version)
-        number = str(version.version)  # MLflow returns int or str depending on the call
-        previous = tracking.version_by_alias(client, name, aliases.champion_alias)
-        previous_number = str(previous.version) if previous else None
-        for key, value in base_tags.items():
-            client.set_model_version_tag(name, number, key, value)
-        decision, reason = decide(metrics[HEADLINE_METRIC], base_tags[tracking.TAG_DATASET], number,
-                                  previous, aliases.champion_alias, floor)
-        client.set_model_version_tag(name, number, TAG_DECISION, decision)
-        client.set_model_version_tag(name, number, TAG_REASON, reason)
-        client.update_model_version(name, number, description=f"{decision}: {reason}")
-        if decision == DECISION_REJECTED:
-            point(aliases.rejected_alias, number)
-            champion_version = previous_number
-        elif decision == DECISION_CHAMPION:
-            point(aliases.champion_alias, number)
-            challenger = tracking.version_by_alias(client, name, aliases.challenger_alias)
-            if challenger is not None and str(challenger.version) == number:
-                point(aliases.challenger_alias, None)  # one version is never both
-            champion_version = number
-        else:
-            point(aliases.challenger_alias, number)
-            champion_version = previous_number
-        report = {
-            "model_name": name,
-            "version": number,
-            "run_id": run_id,
-            "decision": decision,
-            "reason": reason,
-            "alias": {DECISION_CHAMPION: aliases.champion_alias, DECISION_CHALLENGER: aliases.challenger_alias,
-                      DECISION_REJECTED: aliases.rejected_alias}[decision],
-            "min_balanced_accuracy": floor,
-            "champion_version": champion_version,
-            "previous_champion_version": previous_number,
-            f"previous_champion_{HEADLINE_METRIC}": _metric_of(previous),
-            "metrics": metrics,
-            "dataset": base_tags[tracking.TAG_DATASET],
-            "tracking_uri": tracking.redact(tracking.tracking_uri(settings)),  # no password in a file
-        }
-        write_json(settings.path("reports") / REPORT_FILE, report)
-        client.set_model_version_tag(name, number, TAG_STATUS, STATUS_READY)
-    except BaseException as exc:
-        if number is not None:
-            _roll_back(client, name, number, undo, exc)
-        raise
-    log.info("%s version %s: %s (%s)", name, number, decision, reason)
-    if decision == DECISION_REJECTED:
-        raise QualityGateError(
-            f"{name} version {number} is rejected: {reason}. The {aliases.champion_alias} "
-            f"(v{previous_number or 'none'}) and the served model are unchanged. Look at "
-            "reports/train/history.csv (did validation accuracy rise?), reports/figures/training_curves.png "
-            "and reports/figures/augmented_samples.png, and at train.lr / train.epochs in params.yaml")
-    return report
+def _move_aliases(registry: tracking.ModelRegistry, settings: Settings, decision: str, number: str,
+                  previous: Any | None) -> str | None:
+    """Point the decision's alias at ``number``; return the champion version afterwards."""
+    aliases = settings.registry
+    registry.point(_alias_of(settings, decision), number)
+    if decision != DECISION_CHAMPION:
+        return str(previous.version) if previous else None
+    challenger = registry.by_alias(aliases.challenger_alias)
+    if challenger is not None and str(challenger.version) == number:
+        registry.point(aliases.challenger_alias, None)  # one version is never both
+    return number
 
 
 def decide(new_value: float, new_dataset: str, new_version: str, champion: Any | None,
@@ -209,9 +180,6 @@ def decide(new_value: float, new_dataset: str, new_version: str, champion: Any |
                                  f"v{champion.version} ({old_value:.6f})")
 
 
-# ------------------------------------------------------------------------------------------ helpers
-
-
 def _test_metrics(train_run: Any) -> dict[str, float]:
     missing = [key for key in TEST_METRICS if key not in train_run.data.metrics]
     if missing:
@@ -238,61 +206,8 @@ def _data_tags(settings: Settings, train_run: Any) -> dict[str, str]:
     return {f"{TAG_MD5_PREFIX}{file}": info["md5"] for file, info in manifest.get("files", {}).items()}
 
 
-def _ensure_registered_model(client: mlflow.MlflowClient, name: str) -> None:
-    try:
-        client.create_registered_model(name, description="SpinalVGG classifiers of cursive hiragana")
-    except MlflowException as exc:
-        if not _is(exc, RESOURCE_ALREADY_EXISTS):
-            raise
-
-
-def _create_version(client: mlflow.MlflowClient, name: str, run_id: str, tags: dict[str, str]) -> Any:
-    """Register the run's model as a new version of ``name``.
-
-    ``mlflow.register_model`` creates the version and then waits for it to become READY; when it fails in
-    that wait (or is interrupted) the version exists but was never returned. The version it created is
-    then looked up and marked failed, so no ``pending`` version is left behind.
-    """
-    before = {str(v.version) for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")}
-    try:
-        return mlflow.register_model(f"runs:/{run_id}/{tracking.MODEL_ARTIFACT}", name, tags=tags)
-    except BaseException as exc:
-        try:
-            created = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-                       if str(v.version) not in before]
-        except Exception:  # the registry is down: the original error is the one to report
-            log.exception("could not look up the %s version being created from run %s", name, run_id)
-            created = []
-        for version in created:
-            _roll_back(client, name, str(version.version), [], exc)
-        raise
-
-
-def _existing_version(client: mlflow.MlflowClient, name: str, run_id: str) -> Any | None:
-    """A usable version already registered from ``run_id`` (re-running the stage must not duplicate it)."""
-    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    usable = [v for v in versions if v.tags.get(TAG_STATUS) != STATUS_FAILED]
-    return max(usable, key=lambda v: int(v.version)) if usable else None
-
-
 def _metric_of(version: Any | None) -> float | None:
     return None if version is None else tracking.metric_value(version.tags.get(HEADLINE_METRIC))
-
-
-def _roll_back(client: mlflow.MlflowClient, name: str, version: str, undo: list[tuple[str, str | None]],
-               error: BaseException) -> None:
-    """Restore the aliases this stage moved and mark the version failed; never mask the original error."""
-    try:
-        for alias, before in reversed(undo):
-            if before is None:
-                client.delete_registered_model_alias(name, alias)
-            else:
-                client.set_registered_model_alias(name, alias, before)
-        client.set_model_version_tag(name, version, TAG_STATUS, STATUS_FAILED)
-        client.set_model_version_tag(name, version, tracking.TAG_FAILURE,
-                                     f"{type(error).__name__}: {error}"[: tracking.FAILURE_TAG_MAX_CHARS])
-    except Exception:  # the registry itself is down: the original error is the one to report
-        log.exception("could not mark %s version %s as failed", name, version)
 
 
 def _fmt(value: float) -> str:

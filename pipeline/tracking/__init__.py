@@ -2,6 +2,7 @@
 ``runs`` (what a run records), ``registry`` (the champion as serving needs it)."""
 
 from pipeline.tracking.registry import (
+    ModelRegistry,
     champion_artifacts,
     metric_value,
     version_by_alias,
@@ -71,6 +72,7 @@ __all__ = [
     "TAG_STAGE",
     "TRACKING_URI_ENV",
     "ManifestDataset",
+    "ModelRegistry",
     "TrackingError",
     "champion_artifacts",
     "check_reachable",
