@@ -15,7 +15,7 @@ DATASET ?= k49
 # DATASET=local: a folder of official-format files; its prefix is detected from *_classmap.csv.
 LOCAL_DIR ?=
 # Empty: `make run` picks quick for DATASET=synthetic, else full with a usable GPU and cpu without one
-# (python -m flows choose-profile says which and why). PROFILE=full|cpu|quick always wins.
+# (python -m launcher choose-profile says which and why). PROFILE=full|cpu|quick always wins.
 PROFILE ?=
 # The one local Prefect server of `make run` (when PREFECT_API_URL is not set), on 127.0.0.1.
 PREFECT_PORT ?= 4200
@@ -45,13 +45,13 @@ venv: $(STAMP) ## create .venv and install the pinned lock
 # all-columns `dvc metrics show`.
 run: $(STAMP) ## the whole pipeline (DATASET=k49|kmnist|synthetic|local [LOCAL_DIR=..], PROFILE=full|cpu|quick)
 	@set -euo pipefail; \
-	profile=$$($(BIN)/python -m flows choose-profile --dataset "$(DATASET)" --profile "$(PROFILE)"); \
-	api=$$($(BIN)/python -m flows server start --port $(PREFECT_PORT)); \
+	profile=$$($(BIN)/python -m launcher choose-profile --dataset "$(DATASET)" --profile "$(PROFILE)"); \
+	api=$$($(BIN)/python -m launcher server start --port $(PREFECT_PORT)); \
 	set -x; \
 	PREFECT_API_URL="$$api" $(BIN)/dvc exp run -S data.dataset=$(DATASET) -S profile=$$profile \
 	  $(if $(LOCAL_DIR),-S data.local_dir=$(LOCAL_DIR)); \
 	{ set +x; } 2>/dev/null; \
-	$(BIN)/python -m flows summary --prefect-api "$$api"
+	$(BIN)/python -m launcher summary --prefect-api "$$api"
 
 test: $(STAMP) ## the test suite, slow end-to-end tests included
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -65,15 +65,15 @@ lock: ## re-pin requirements.lock from the current .venv
 	  $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > requirements.lock
 
 mlflow-ui: $(STAMP) ## MLflow UI on the embedded store (http://127.0.0.1:5000)
-	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow/mlflow.db}" \
+	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/stores/mlflow/mlflow.db}" \
 	  --host 127.0.0.1 --port 5000
 
 prefect-ui: $(STAMP) ## start (if needed) the project's Prefect server in the background and print its UI address
-	@api=$$($(BIN)/python -m flows server start --port $(PREFECT_PORT)) && \
+	@api=$$($(BIN)/python -m launcher server start --port $(PREFECT_PORT)) && \
 	  echo "Prefect UI: $${api%/api}   (in other shells: export PREFECT_API_URL=$$api)"
 
 prefect-stop: $(STAMP) ## stop the Prefect server that make run / make prefect-ui started
-	@$(BIN)/python -m flows server stop
+	@$(BIN)/python -m launcher server stop
 
 prefect-server: $(STAMP) ## Prefect server + UI in the foreground (Ctrl-C stops it); same port as make run
 	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)

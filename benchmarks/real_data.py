@@ -35,14 +35,13 @@ from sklearn.metrics import balanced_accuracy_score
 
 from benchmarks.train_throughput import cpu_model_name
 from pipeline import data
-from pipeline.config import load_settings, write_params
+from pipeline.config import PROJECT_ROOT, load_settings, write_params
 from pipeline.contract import load_classmap, official_file_names
 from pipeline.model import SpinalVGG, count_parameters
 from pipeline.stages import download, evaluate, prepare, train, tune
 from pipeline.training.bundle import predict_logits, select_device
 from pipeline.transforms import BatchAugment
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = PROJECT_ROOT.parent / "shared" / "data" / "kmnist-dev"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_EPOCHS = 12

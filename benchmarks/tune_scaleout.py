@@ -32,14 +32,13 @@ from typing import Any
 import optuna
 
 from benchmarks.train_throughput import cpu_model_name
-from pipeline.config import load_settings
+from pipeline.config import PROJECT_ROOT, load_settings
 from pipeline.stages import download, prepare
 from pipeline.tuning.study import FINISHED, OWNER_ATTR, open_storage
 from tests.postgres import PostgresServer, database_name, running_postgres
 from tests.prefect_server import write_tiny_params
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 NO_PRUNING = 10_000  # MedianPruner startup trials: more than any run here, so no trial is ever pruned
 CEILING_PROCESSES = 3
 CEILING_TRIALS_PER_PROCESS = 40

@@ -1,16 +1,5 @@
-"""``python -m flows <stage>`` runs one pipeline stage as a Prefect flow run: the command of each DVC stage.
-
-Other commands::
-
-    python -m flows flow pipeline [--dataset D] [--profile P] [--force]   the whole pipeline via `dvc exp run`
-    python -m flows flow tune [--workers N]          add trials to the shared study (outside DVC)
-    python -m flows server start|stop|status          the one local Prefect server of `make run`
-    python -m flows choose-profile --dataset D [--profile P]    the profile `make run` picks here
-    python -m flows summary                           the end-of-run lines of `make run`
-
-Every flow run reports to ``PREFECT_API_URL``. Without it (a stage started by hand, outside ``make run``)
-Prefect starts a temporary server for that one process, and one line on stderr says how to share one.
-"""
+"""``python -m flows <stage>`` (each DVC stage's command) runs one stage as a Prefect flow run;
+``python -m flows flow pipeline|tune`` runs the deployment flows by hand."""
 
 from __future__ import annotations
 
@@ -20,8 +9,6 @@ import logging
 import sys
 from collections.abc import Sequence
 
-# Commands that never run a flow: they must not pay for importing Prefect's flow machinery.
-TOOL_COMMANDS = ("server", "choose-profile", "summary")
 FLOWS = ("pipeline", "tune")
 REMOVED_FLOWS = ("preprocess", "train")
 SHARED_SERVER_HINT = (
@@ -31,22 +18,8 @@ SHARED_SERVER_HINT = (
 )
 
 
-def _tool(command: str, argv: Sequence[str]) -> int:
-    if command == "server":
-        from flows import server
-
-        return server.main(argv)
-    if command == "choose-profile":
-        from flows import profile_choice
-
-        return profile_choice.main(argv)
-    from flows import run_summary
-
-    return run_summary.main(argv)
-
-
 def _hint_without_api_url() -> None:
-    from flows.server import configured_api_url
+    from launcher.server import configured_api_url
 
     if configured_api_url() is None:
         print(SHARED_SERVER_HINT, file=sys.stderr)
@@ -54,15 +27,13 @@ def _hint_without_api_url() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in TOOL_COMMANDS:
-        return _tool(argv[0], argv[1:])
     from flows.tasks import STAGES
 
     parser = argparse.ArgumentParser(prog="python -m flows", description=__doc__.split("\n\n")[0],
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("target", choices=[*STAGES, "flow", *TOOL_COMMANDS],
-                        help="a stage, 'flow' for the pipeline/tune flows, or a tool command")
+    parser.add_argument("target", choices=[*STAGES, "flow"],
+                        help="a stage, or 'flow' for the pipeline/tune flows")
     parser.add_argument("flow_name", nargs="?", help="with 'flow': pipeline | tune")
     parser.add_argument("--workers", type=int, default=None, help="tune: parallel worker processes")
     parser.add_argument("--dataset", default=None, help="pipeline: data.dataset for this run")
@@ -88,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.target != "flow":
         result = stages.run_stage_cli(args.target, workers=args.workers)
     elif args.flow_name == "pipeline":
-        from flows.pipeline import pipeline
+        from flows.dvc_pipeline import pipeline
 
         result = pipeline(dataset=args.dataset, profile=args.profile, force=args.force)
     else:

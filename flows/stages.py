@@ -1,11 +1,5 @@
-"""Prefect flows over the stage table (flows/tasks.py); the DAG itself lives in dvc.yaml only.
-
-``stage`` runs one DVC stage (``python -m flows <stage>`` is each stage's command in dvc.yaml).
-``tune`` is the tuning deployment (prefect.yaml ``shared-study``): the tune stage with more worker
-processes, so several workers (or machines, on an RDB ``tune.storage``) fill one shared study; a later
-``dvc repro`` then records the finished study. Settings are loaded inside each flow from params.yaml
-(``$KUZUSHIJI_PARAMS`` or ``params_path``) so flow parameters stay plain JSON.
-"""
+"""Prefect flows over the stage table: ``stage`` (one DVC stage) and ``tune`` (the shared-study deployment).
+Settings are loaded inside each flow from params.yaml, so flow parameters stay plain JSON."""
 
 from __future__ import annotations
 
@@ -15,8 +9,8 @@ from typing import Any
 from prefect import flow, get_run_logger, tags
 
 from flows import tasks
-from flows.profile_choice import cpu_time_note
 from pipeline.config import Settings, load_settings
+from pipeline.profiles import cpu_time_note
 
 # Set by the pipeline flow for the DVC subprocesses, so stage runs are tagged with the run that drove them.
 PARENT_RUN_ENV = "KUZUSHIJI_PIPELINE_FLOW_RUN"

@@ -1,11 +1,5 @@
-"""The stages as a table: stage name -> the ``pipeline`` function that does the work, run as one Prefect
-task. The order of the stages is dvc.yaml's business, never this module's.
-
-Tasks never cache (every stage has side effects and DVC decides what needs to run). Only the download gets
-Prefect retries (from ``data.download``), and only for unexpected failures: network errors are already
-retried per file inside ``pipeline``. Progress of long tasks reaches the run's log through the ``pipeline``
-logger, which prefect.toml attaches to Prefect logging (``logging.extra_loggers``).
-"""
+"""The stages as a table, stage name -> the ``pipeline.stages`` function run as one Prefect task; the order
+of the stages is dvc.yaml's alone. Tasks never cache (DVC decides what runs); only the download retries."""
 
 from __future__ import annotations
 

@@ -1,13 +1,5 @@
-"""The one typed configuration object, loaded from ``params.yaml``.
-
-Every knob's one default lives in ``conf/config.yaml``; profiles (``conf/profile/*.yaml``) overlay some.
-``dvc exp run -S key=value`` composes them with Hydra into ``params.yaml`` (DVC's Hydra composition), so
-params.yaml, dvc.lock and ``dvc exp show`` hold the values a run used. ``load_settings()`` validates that
-file with pydantic (or composes afresh from ``conf/`` when given overrides, as DVC does): any unknown key
-or bad value raises :class:`ConfigError` naming the key, before anything runs.
-
-This module imports only pydantic and PyYAML (Hydra lazily, to compose) so the serving image can use it.
-"""
+"""The one typed configuration: ``conf/`` (one default per knob, profiles on top) composed by Hydra into
+params.yaml, validated by pydantic so a bad key fails before anything runs. No torch: serving uses it."""
 
 from __future__ import annotations
 
@@ -255,7 +247,7 @@ class Settings(_Section):
     def with_overrides(self, overrides: dict[str, Any]) -> Settings:
         """A copy with dotted-key overrides applied (e.g. tuned hyper-parameters), re-validated."""
         raw = self.model_dump(mode="python", exclude={"root"})
-        _apply_dotted(raw, overrides, source="override")
+        apply_dotted(raw, overrides, source="override")
         return _validate(raw, root=self.root, source="override")
 
     def run_identity(self, *sections: str) -> dict[str, Any]:
@@ -380,7 +372,8 @@ def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def _apply_dotted(raw: dict[str, Any], overrides: dict[str, Any], source: str) -> None:
+def apply_dotted(raw: dict[str, Any], overrides: Mapping[str, Any], source: str) -> None:
+    """Set ``{"train.lr": 0.1}``-style keys in a nested params tree in place (missing sections are made)."""
     for dotted, value in overrides.items():
         node = raw
         *parents, leaf = dotted.split(".")

@@ -1,12 +1,5 @@
-"""The formats and names that cross stage boundaries, in one small torch-free module.
-
-Every stage, the service, the scripts, the benchmarks and the tests read these names from here, so a
-file written by one side is always read the same way by the other. Stages never import each other: what
-they share lives here (or in ``pipeline.config`` / ``pipeline.files``).
-
-Imports: the standard library, NumPy and ``pipeline.files`` only (ONNX Runtime lazily, inside
-:func:`onnx_session`), so the serving image can carry it.
-"""
+"""What crosses stage boundaries (file names, formats, ONNX IO names, run records, registry tags), in one
+torch-free module: stages never import each other, and the service reads the same names."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""The data layer shared by the stages: the official format's facts, loading and validation, the
-prepared splits.
-
-The download stage (``pipeline.download``) writes ``paths.raw``; the prepare stage (``pipeline.prepare``)
-splits it into ``paths.prepared``; training, tuning and evaluation read both through the functions here.
-Files are always loaded with ``allow_pickle=False`` and validated (dtype, shape, label range, class map)
-by the same code, whatever their source. This module imports no torch.
-"""
+"""The data layer shared by the stages: official-format facts, loading with ``allow_pickle=False`` and one
+validation whatever the source, the manifest and the prepared splits. No torch."""
 
 from __future__ import annotations
 

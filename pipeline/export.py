@@ -1,10 +1,5 @@
-"""ONNX export of a trained classifier, verified against PyTorch before it is kept.
-
-The exported graph has one input ``images`` (float32 N x 1 x 28 x 28, raw pixel values 0..255; the model
-normalises inside) and one output ``logits`` (float32 N x num_classes), with a dynamic batch axis. The
-file is written next to its destination and only moved into place after ONNX Runtime reproduced the
-PyTorch logits, so a bad export never replaces a good one.
-"""
+"""ONNX export (input ``images`` raw 0..255, output ``logits``, dynamic batch), checked against PyTorch
+before it replaces the file, so a bad export never replaces a good one."""
 
 from __future__ import annotations
 

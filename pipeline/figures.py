@@ -1,9 +1,4 @@
-"""Shared plotting helpers: a Japanese font for labels and a grid of 28x28 glyphs.
-
-Kana labels need a CJK font; IPAexGothic ships inside the pinned ``japanize-matplotlib`` wheel, so
-figures render the same on every machine without system fonts. The same font file feeds the
-synthetic-data renderer.
-"""
+"""Shared plotting helpers; the kana font ships in a pinned wheel, so figures render alike on every machine."""
 
 from __future__ import annotations
 

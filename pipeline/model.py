@@ -1,19 +1,5 @@
-"""SpinalVGG for 28x28 glyphs.
-
-Reference: H. M. D. Kabir et al., "SpinalNet: Deep Neural Network with Gradual Input",
-IEEE Transactions on Artificial Intelligence, 2023 (arXiv:2007.03347), the VGG-style network with a
-spinal fully connected head that the authors used for Kuzushiji-49 and KMNIST.
-
-Read top to bottom:
-1. a VGG trunk: four blocks of 3x3 conv + BatchNorm + ReLU, each ending in a 2x2 max-pool
-   (28 -> 14 -> 7 -> 3 -> 1), giving 256 features;
-2. the spinal head: the features are split into halves A and B; four narrow layers each see one half
-   plus the previous spinal layer's output (L1(A), L2(B|L1), L3(A|L2), L4(B|L3)); the output layer sees
-   all four. 3,649,777 parameters for 49 classes with spinal width 128.
-
-The input is float32 (N, 1, 28, 28) holding raw pixels 0..255. The network standardises it itself with
-the training split's pixel mean/std, kept as buffers, so every consumer feeds the same raw tensor.
-"""
+"""SpinalVGG (Kabir et al., IEEE Trans. AI 2023, arXiv:2007.03347): a VGG trunk and the spinal head.
+It normalises its raw 0..255 input itself, so training, ONNX and the service feed the same tensor."""
 
 from __future__ import annotations
 

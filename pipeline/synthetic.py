@@ -1,11 +1,5 @@
-"""A learnable stand-in for K49, rendered from a real Japanese font, in the exact official format.
-
-Used where the real data cannot be downloaded (offline CI, demos). The 49 classes and the class map are
-the official K49 ones (the class map is byte-identical to the published file), images are white strokes
-on black, uint8 (N, 28, 28), and everything is deterministic for a seed: the same seed gives
-byte-identical files. It is never used silently in place of real data: only ``data.dataset: synthetic``
-selects it.
-"""
+"""A learnable stand-in for K49 rendered from a real font, in the exact official format, deterministic per
+seed; only ``data.dataset: synthetic`` selects it, never a silent fallback."""
 
 from __future__ import annotations
 

@@ -1,12 +1,5 @@
-"""Input normalisation and batched, on-device data augmentation for 28x28 glyphs.
-
-Images travel as raw intensities 0..255 (white ink on black). ``normalize`` is the one place that turns
-them into standardised model input; the model calls it inside ``forward`` so training, ONNX and the
-service cannot drift. ``BatchAugment`` warps a whole batch with one ``affine_grid``/``grid_sample`` call
-on the training device: a random rotation and translation per sample, zero padding (black background),
-and optional random erasing. It never flips or rescales: a mirrored or cropped kana is another glyph or
-no glyph at all.
-"""
+"""Input normalisation and batched on-device augmentation: rotation, translation, optional erasing; never
+flips or crops (a mirrored or cropped kana is another glyph or none)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from pipeline.config import PROJECT_ROOT  # noqa: F401  (re-exported for the tests)
 
 
 def free_port() -> int:

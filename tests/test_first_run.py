@@ -13,8 +13,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from flows import profile_choice, run_summary, server
 from flows.tasks import STAGE_FUNCTIONS, STAGES
+from launcher import server
+from launcher import summary as run_summary
+from pipeline import profiles as profile_choice
 from pipeline.config import TrainSettings, load_settings, write_params
 from tests.support import PROJECT_ROOT
 

@@ -297,6 +297,7 @@ def test_unevaluated_run_is_refused_before_registering(settings: Settings) -> No
     models = cfg.path("models")
     models.mkdir(parents=True, exist_ok=True)
     (models / "train_run.json").write_text(json.dumps({"run_id": active.info.run_id}), encoding="utf-8")
+    write_classmap(TEN_CLASSES, models / CLASSMAP_FILE)  # its own, not one an earlier test left behind
     with pytest.raises(registry.RegistryError, match="run the evaluate stage first"):
         registry.run(cfg)
     assert client(cfg).search_model_versions("name = 'unevaluated-synthetic'") == []

@@ -1,11 +1,5 @@
-"""The download stage: the official files into ``paths.raw`` with a ``manifest.json``.
-
-``run(settings)`` fetches, by ``data.dataset``: the official K49/KMNIST files (MD5-checked, retried with
-back-off, progress shown), a local folder in the official format (validated), or the synthetic stand-in.
-Every file lands atomically: a temporary file in the same folder, fsync, rename. Official files are
-downloaded into ``paths.downloads/<dataset>`` first: DVC deletes ``paths.raw`` before re-running the
-stage, and that cache (MD5-checked, not a DVC output) spares a new download each time.
-"""
+"""The download stage: the official files (MD5-checked, retried), a local folder in the official format, or
+the synthetic stand-in, into ``paths.raw`` with a manifest; official files are cached outside DVC's outputs."""
 
 from __future__ import annotations
 

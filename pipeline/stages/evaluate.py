@@ -1,9 +1,5 @@
-"""The evaluate stage: score the trained model once on the untouched official test split.
-
-Metric functions are plain scikit-learn wrappers so train/tune/tests share one definition. The headline
-metric is balanced accuracy (mean per-class recall): K49 is imbalanced and plain accuracy hides the rare
-characters.
-"""
+"""The evaluate stage: score the trained model once on the untouched official test split; balanced accuracy
+leads because K49 is imbalanced and plain accuracy hides the rare characters."""
 
 from __future__ import annotations
 

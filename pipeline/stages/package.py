@@ -1,16 +1,5 @@
-"""Package stage: put the MLflow registry's champion into the BentoML model store for ``service.py``.
-
-The BentoML model holds exactly what serving needs (``model.onnx``, ``classmap.csv``, ``meta.json``)
-and records where it came from (registry model name and version, MLflow run, ONNX MD5, test metrics,
-dataset), so a bento and its container never need MLflow. Importing is idempotent: when the store's latest
-model of that name already holds the same registered model, version, run and ONNX bytes, it is reused and
-nothing is written to the store. A version number alone is not enough: another dataset's registered model
-or a fresh MLflow store hands out the same numbers.
-
-CLI: ``python -m pipeline.stages.package import`` (the ``package`` DVC stage), and
-``python -m pipeline.stages.package store --onnx F --classmap F --meta F --registry-version V`` to package local
-files without MLflow (tests, benchmarks, air-gapped hosts).
-"""
+"""The package stage: the registry's champion into the BentoML store with where it came from, so a bento
+never needs MLflow. ``python -m pipeline.stages.package store`` packages local files (tests, air-gapped hosts)."""
 
 from __future__ import annotations
 

@@ -1,18 +1,5 @@
-"""The register stage: put the evaluated training run's model in the MLflow Model Registry.
-
-Every version carries its test metrics, dataset, data checksums and git commit as tags. The champion
-alias (what serving deploys) moves only when the new version's test balanced accuracy is strictly better
-than the current champion's on the same dataset; otherwise the version becomes the challenger and the
-reason is recorded. Each dataset has its own registered model (``Settings.registered_model_name()``), so
-a synthetic smoke run never competes with, or gets served instead of, a K49 model. A version is created
-with ``status=pending`` and flipped to ``ready`` as the very last step; on any failure after it exists the
-alias change is rolled back and the version is tagged ``status=failed`` with the reason.
-
-A quality gate comes first: a version whose test balanced accuracy is under ``registry.min_balanced_accuracy``
-(default: halfway between chance, 1/classes, and 1) is registered but tagged ``decision=rejected``, gets the
-``rejected`` alias and nothing else; the stage then fails, so the pipeline stops before packaging and the
-champion and the served model stay as they were.
-"""
+"""The register stage: a registry version per evaluated run; the champion alias moves only on a strictly
+better test score on the same dataset, a version under the quality floor is rejected and the stage fails."""
 
 from __future__ import annotations
 

@@ -175,16 +175,9 @@ def _write_reports(settings: Settings, inputs: TrainingInputs, runs: Sequence[Tr
 
 
 def refit(settings: Settings, validated: TrainResult, inputs: TrainingInputs) -> TrainResult:
-    """Train on train + validation and keep the last epoch: the model shipped learns from every image.
-
-    The validated run chose the recipe's length (early stopping) and showed what it reaches on images it
-    never saw. The refit then either continues from that run's model (``train.refit_start: validated``,
-    Goodfellow et al., Deep Learning, section 7.8, algorithm 7.3) or trains fresh weights (``scratch``,
-    algorithm 7.2), for ``train.refit_epochs_fraction`` of the validated run's epochs, with a fresh
-    optimiser, schedule and weight average. On kmnist-dev the 10 % held out for validation cost a point of
-    test accuracy (README, "Measured on real data"). The test set still plays no part. Runs inside the train
-    stage's MLflow run: its epochs are logged as ``refit_*`` metrics.
-    """
+    """Train on train + validation and keep the last epoch, so the shipped model learns from every image:
+    continuing the validated model (``refit_start: validated``, Goodfellow et al. 7.8, algorithm 7.3) or
+    from fresh weights (``scratch``, 7.2), for ``refit_epochs_fraction`` of the validated run's epochs."""
     cfg = settings.train
     epochs = cfg.refit_epochs(len(validated.history))
     initial = validated.model.state_dict() if cfg.refit_start == "validated" else None

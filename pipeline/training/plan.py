@@ -28,14 +28,9 @@ def batches_per_epoch(n: int, batch_size: int) -> int:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """How the recipe meets the data: the batch and learning rate used, and the run's length in steps.
-
-    ``train.batch_size`` and ``train.lr`` are the recipe for large data. A small dataset would get few
-    optimiser steps at that batch (6,000 images at 256 = 23 steps an epoch), so the batch is halved until
-    an epoch has ``train.min_steps_per_epoch`` steps (never below ``train.min_batch_size``), and the
-    learning rate follows the batch linearly (Goyal et al., 2017). Warm-up and the averaging horizon are
-    then counted in these steps.
-    """
+    """How the recipe meets the data: a small dataset halves the batch until an epoch has
+    ``train.min_steps_per_epoch`` steps (never under ``min_batch_size``), the LR following the batch
+    linearly (Goyal et al., 2017); warm-up and the averaging horizon count these steps."""
 
     batch_size: int
     lr: float
@@ -55,13 +50,8 @@ def plan_steps(cfg: TrainSettings, n_train: int) -> StepPlan:
 
 
 def ema_decay_at(step: int, max_decay: float) -> float:
-    """Decay of the weight average after ``step`` updates: ``(1 + t) / (10 + t)`` capped at ``max_decay``.
-
-    A fixed 0.999 keeps the average mostly at the initial weights for the first thousands of steps, so a
-    short run would validate and export a model that learned nothing. Warming the decay up with the step
-    count (as timm's ModelEmaV3 does) makes the average cover roughly the last tenth of the steps taken
-    until the horizon ``1 / (1 - max_decay)`` is reached: right after the first step and after 50,000.
-    """
+    """``(1 + t) / (10 + t)`` capped at ``max_decay`` (as timm's ModelEmaV3): a fixed 0.999 would keep a
+    short run's average at the initial weights, so it would validate and export a model that learned nothing."""
     return min(max_decay, (1.0 + step) / (10.0 + step))
 
 

@@ -1,11 +1,5 @@
-"""Which profile fits this machine, and how long a stage will take when it trains on a CPU.
-
-``python -m flows choose-profile --dataset D [--profile P]`` prints the profile ``make run`` passes to
-``dvc exp run -S profile=...`` (stdout) and why (stderr): an explicit ``PROFILE`` always wins; the synthetic
-demo gets ``quick``; real data gets ``full`` (the GPU recipe) when torch can use a CUDA GPU and ``cpu``
-otherwise. The tune and train stages call :func:`cpu_time_note` at their start, so a run of the GPU recipe
-on a CPU says what it will cost before it starts and how to pick the CPU profile instead.
-"""
+"""Which profile fits this machine (``make run`` and deployments choose alike), and what a training stage
+will cost on a CPU, said before it starts."""
 
 from __future__ import annotations
 
@@ -141,7 +135,7 @@ def cpu_time_note(stage: str, settings: Any) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows choose-profile",
+    parser = argparse.ArgumentParser(prog="python -m launcher choose-profile",
                                      description="Print the profile `make run` uses on this machine.")
     parser.add_argument("--dataset", required=True, help="data.dataset of the run")
     parser.add_argument("--profile", default="", help="an explicit profile (always wins); empty = choose")

@@ -1,8 +1,4 @@
-"""The few lines ``make run`` ends with: what ran, how good it is, what was registered, what to do next.
-
-``python -m flows summary`` reads only files a run leaves behind (params.yaml, reports/eval/metrics.json,
-reports/registry.json, reports/bento_model.json), so it needs no server and works after ``dvc pull`` too.
-"""
+"""The lines ``make run`` ends with, read only from files a run leaves (so it works after ``dvc pull``)."""
 
 from __future__ import annotations
 
@@ -15,7 +11,8 @@ from typing import Any
 
 import yaml
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+from pipeline.config import PROJECT_ROOT
+
 PARAMS_FILE = "params.yaml"
 EVAL_METRICS = "eval/metrics.json"
 REGISTRY_REPORT = "registry.json"
@@ -37,7 +34,7 @@ def _line(label: str, text: str) -> str:
     return f"  {label:<{LABEL_WIDTH}}{text}"
 
 
-def summary_lines(project_dir: Path = PROJECT_DIR, prefect_ui: str = DEFAULT_PREFECT_UI) -> list[str]:
+def summary_lines(project_dir: Path = PROJECT_ROOT, prefect_ui: str = DEFAULT_PREFECT_UI) -> list[str]:
     """The run's summary; a missing report becomes a line saying which stage did not write it."""
     params = yaml.safe_load((project_dir / PARAMS_FILE).read_text(encoding="utf-8")) or {}
     reports = project_dir / params.get("paths", {}).get("reports", "reports")
@@ -77,7 +74,7 @@ def summary_lines(project_dir: Path = PROJECT_DIR, prefect_ui: str = DEFAULT_PRE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows summary", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m launcher summary", description=__doc__.split("\n\n")[0])
     parser.add_argument("--prefect-api", default=None,
                         help="the Prefect API URL the run used (its UI is shown); default the local server")
     args = parser.parse_args(argv)

@@ -1,12 +1,5 @@
-"""The ``pipeline`` flow: the whole pipeline through DVC, so a deployment run leaves the same record as
-``make run`` (dvc.lock, an experiment ref) and every stage still appears as its own flow run, on the same
-Prefect API as this flow run.
-
-It runs ``dvc exp run -S data.dataset=... -S profile=...`` rather than editing params.yaml and calling
-``dvc repro``: DVC then writes the values itself (comments kept), records them in dvc.lock and keeps the
-run as a named experiment (``dvc exp show``), and it is the same command as ``make run``. Values are
-validated before DVC touches params.yaml, so a bad parameter changes nothing.
-"""
+"""The ``pipeline`` deployment flow: ``dvc exp run`` with the run's ``-S`` values (validated first, so a
+bad value changes nothing), so a deployment leaves the same record as ``make run``: dvc.lock and an experiment."""
 
 from __future__ import annotations
 
@@ -23,10 +16,8 @@ from prefect import flow, get_client, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.stages import PARENT_RUN_ENV
-from pipeline.config import load_settings
+from pipeline.config import PROJECT_ROOT, apply_dotted, load_settings
 
-# The checkout this file belongs to (a deployment's pull step makes it the working directory).
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 PARAMS_FILE = "params.yaml"
 
 
@@ -47,12 +38,7 @@ def dvc_set_args(dataset: str | None, profile: str | None, set_params: dict[str,
 def validate_assignments(project_dir: Path, values: dict[str, Any]) -> None:
     """Load params.yaml with ``values`` applied (profile overlay included) or raise ConfigError."""
     raw = yaml.safe_load((project_dir / PARAMS_FILE).read_text(encoding="utf-8"))
-    for dotted, value in values.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+    apply_dotted(raw, values, source="-S")
     with tempfile.TemporaryDirectory() as folder:
         candidate = Path(folder) / PARAMS_FILE
         candidate.write_text(yaml.safe_dump(raw), encoding="utf-8")
@@ -94,7 +80,7 @@ def pipeline(
     """
     logger = get_run_logger()
     values = dvc_set_args(dataset, profile, set_params)
-    validate_assignments(PROJECT_DIR, values)
+    validate_assignments(PROJECT_ROOT, values)
     command = [sys.executable, "-m", "dvc", "exp", "run"]
     for key, value in values.items():
         command += ["-S", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
@@ -109,9 +95,9 @@ def pipeline(
         # process), instead of each stage process starting a temporary server of its own.
         "PREFECT_API_URL": str(get_client(sync_client=True).api_url).rstrip("/"),
     }
-    logger.info("running %s in %s", " ".join(command), PROJECT_DIR)
-    _stream(command, PROJECT_DIR, env)
-    settings = load_settings(PROJECT_DIR / PARAMS_FILE)
+    logger.info("running %s in %s", " ".join(command), PROJECT_ROOT)
+    _stream(command, PROJECT_ROOT, env)
+    settings = load_settings(PROJECT_ROOT / PARAMS_FILE)
     reports = settings.path("reports")
     return {
         "params": values,

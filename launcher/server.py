@@ -1,19 +1,5 @@
-"""One Prefect API for a whole run.
-
-``python -m flows server start`` prints (stdout) the API URL every stage of a run reports to:
-
-1. the user's ``PREFECT_API_URL`` (environment or Prefect profile) when it is set, untouched;
-2. else the server already answering on ``127.0.0.1:<port>`` (``make prefect-ui``, an earlier ``make run``,
-   or ``make prefect-server`` in another shell);
-3. else a ``prefect server start`` launched now, detached from the caller, and left running so its UI and
-   the run history stay browsable after the run (``python -m flows server stop`` ends it).
-
-``make run`` exports that URL for ``dvc exp run``, so each stage process (``python -m flows <stage>``) talks
-to it instead of starting Prefect's temporary server of its own. The server keeps Prefect's usual database
-(under ``PREFECT_HOME``); this module only keeps its pid and log in ``.prefect/`` of the project, so
-``stop`` ends only a server it started. (Prefect's own ``prefect server start --background`` is not used:
-it returns before the server answers and pipes the server's output into a pipe nobody reads.)
-"""
+"""One Prefect API for a whole run: the user's ``PREFECT_API_URL``, else the server answering on the port,
+else a ``prefect server start`` launched now and left running for its UI (``stop`` ends only that one)."""
 
 from __future__ import annotations
 
@@ -30,7 +16,8 @@ from pathlib import Path
 
 import httpx
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+from pipeline.config import PROJECT_ROOT
+
 HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
 STATE_DIR = ".prefect"  # git-ignored
@@ -103,7 +90,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def start_server(port: int, project_dir: Path = PROJECT_DIR, timeout_s: float = START_TIMEOUT_S) -> str:
+def start_server(port: int, project_dir: Path = PROJECT_ROOT, timeout_s: float = START_TIMEOUT_S) -> str:
     """Launch ``prefect server start`` on HOST:port in its own session and wait until it answers."""
     state = _state_dir(project_dir)
     state.mkdir(parents=True, exist_ok=True)
@@ -134,7 +121,7 @@ def start_server(port: int, project_dir: Path = PROJECT_DIR, timeout_s: float = 
     return url
 
 
-def ensure_server(port: int, project_dir: Path = PROJECT_DIR) -> PrefectApi:
+def ensure_server(port: int, project_dir: Path = PROJECT_ROOT) -> PrefectApi:
     """The one API of a run: the user's PREFECT_API_URL, else a server on HOST:port (started if needed)."""
     if configured := configured_api_url():
         return PrefectApi(configured, "PREFECT_API_URL")
@@ -144,7 +131,7 @@ def ensure_server(port: int, project_dir: Path = PROJECT_DIR) -> PrefectApi:
     return PrefectApi(start_server(port, project_dir), "started")
 
 
-def stop_server(project_dir: Path = PROJECT_DIR) -> str:
+def stop_server(project_dir: Path = PROJECT_ROOT) -> str:
     """Stop the server :func:`start_server` started (never another one); returns what happened."""
     record = _read_record(project_dir)
     pid_path = _state_dir(project_dir) / PID_FILE
@@ -164,7 +151,7 @@ def stop_server(project_dir: Path = PROJECT_DIR) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows server",
+    parser = argparse.ArgumentParser(prog="python -m launcher server",
                                      description="The one Prefect server of this project's runs.")
     parser.add_argument("action", choices=["start", "stop", "status"])
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port on 127.0.0.1 (default 4200)")
