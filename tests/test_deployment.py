@@ -72,7 +72,7 @@ def test_deployed_pipeline_runs_on_a_process_worker(prefect_api: str, tmp_path: 
     assert "Starting temporary server" not in worker_log.read_text(errors="replace")
 
     # The MLflow run and the registered model version exist in the copy's store.
-    store = f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"
+    store = f"sqlite:///{project / 'stores' / 'mlflow' / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)  # not this process's global URIs
     train_run = json.loads((project / "models" / "train_run.json").read_text())
     assert client.get_run(train_run["run_id"]).info.status == "FINISHED"

@@ -66,7 +66,7 @@ def test_make_run_uses_one_prefect_server_and_ends_with_a_summary(tmp_path: Path
         metrics = json.loads((project / "reports" / "eval" / "metrics.json").read_text())
         assert 0.0 <= metrics["test_balanced_accuracy"] <= 1.0
         registry = json.loads((project / "reports" / "registry.json").read_text())
-        store = f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"
+        store = f"sqlite:///{project / 'stores' / 'mlflow' / 'mlflow.db'}"
         client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)  # not this process's global URIs
         version = client.get_model_version(registry["model_name"], str(registry["version"]))
         train_run = json.loads((project / "models" / "train_run.json").read_text())
