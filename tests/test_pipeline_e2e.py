@@ -101,7 +101,7 @@ def test_make_run_uses_one_prefect_server_and_ends_with_a_summary(tmp_path: Path
         assert client.get_run(run_id).data.params["train.epochs"] == "2"
 
         # A code change re-runs exactly the stages that import the changed module.
-        with (project / "pipeline" / "registry.py").open("a", encoding="utf-8") as module:
+        with (project / "pipeline" / "stages" / "register.py").open("a", encoding="utf-8") as module:
             module.write("# changed\n")
         status = _dvc(["status", "--json"], project, dvc_env)
         assert status.returncode == 0, status.stderr
