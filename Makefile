@@ -20,6 +20,8 @@ PROFILE ?=
 # The one local Prefect server of `make run` (when PREFECT_API_URL is not set), on 127.0.0.1.
 PREFECT_PORT ?= 4200
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` (auto: one per core); each test module runs whole on one worker.
+TEST_WORKERS ?= auto
 HOST ?= 127.0.0.1
 POOL ?= kuzushiji-process
 WORKERS ?= 1
@@ -54,7 +56,7 @@ run: $(STAMP) ## the whole pipeline (DATASET=k49|kmnist|synthetic|local [LOCAL_D
 	$(BIN)/python -m launcher summary --prefect-api "$$api"
 
 test: $(STAMP) ## the test suite, slow end-to-end tests included
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP) ## style and types: ruff (bugbear, simplify, imports, pyupgrade, ...) and mypy (pipeline, flows, service)
 	$(BIN)/ruff check .

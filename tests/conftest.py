@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,3 +36,24 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
         return settings.with_overrides(overrides) if overrides else settings
 
     return _make
+
+
+# The longest test modules (measured, README "Tests"), started first: under `make test`'s pytest-xdist
+# workers each module runs whole on one worker, and the longest first keeps the two workers level.
+LONGEST_FIRST = ("test_real_data.py", "test_pipeline_e2e.py", "test_deployment.py", "test_container.py",
+                 "test_scaleout.py", "test_page.py", "test_tune.py", "test_service.py", "test_flows.py",
+                 "test_first_run.py", "test_registry.py", "test_train.py")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist, give each worker its share of the cores: torch threads and what subprocesses inherit."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = str(max(1, (os.cpu_count() or 1) // int(workers)))
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(name, threads)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
