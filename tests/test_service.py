@@ -1,7 +1,8 @@
 """End to end: a real `bentoml serve` on 127.0.0.1 serving a SpinalVGG trained seconds on rendered glyphs.
 
-One server per module (``tests.served_model``): the model is trained, exported to ONNX, imported into a
-BentoML store under tmp (BENTOML_HOME) and served; every test talks HTTP to it.
+The one server of the session (``served_tiny`` in tests/conftest.py, shared with the page tests): the
+model is trained, exported to ONNX, imported into a BentoML store under tmp and served; every test talks
+HTTP to it, hostile requests included (each must get its JSON answer within a few seconds).
 """
 
 from __future__ import annotations
@@ -17,23 +18,20 @@ import pytest
 import yaml
 
 from tests import bad_inputs
-from tests.served_model import TRAIN_CLASSES, serve_tiny_model
+from tests.served_model import SHARED_LIMITS, TRAIN_CLASSES
 from tests.support import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
-TOP_K = 3
-MAX_BATCH_IMAGES = 8  # small, so "too many images" is cheap to send
-MAX_UPLOAD_BYTES = 1_000_000
-MAX_REQUEST_BYTES = 3_000_000  # below MAX_BATCH_IMAGES * MAX_UPLOAD_BYTES: the body cap binds first
+TOP_K = SHARED_LIMITS["top_k"]
+MAX_BATCH_IMAGES = SHARED_LIMITS["max_images_per_request"]
+MAX_UPLOAD_BYTES = SHARED_LIMITS["max_upload_bytes"]
+MAX_REQUEST_BYTES = SHARED_LIMITS["max_request_bytes"]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    limits = {"max_batch_images": MAX_BATCH_IMAGES, "max_upload_bytes": MAX_UPLOAD_BYTES,
-              "max_request_bytes": MAX_REQUEST_BYTES, "top_k": TOP_K}
-    with serve_tiny_model(tmp_path_factory.mktemp("service"), limits) as served:
-        yield served
+@pytest.fixture
+def server(served_tiny):
+    return served_tiny
 
 
 def _png(char: str) -> bytes:
@@ -179,7 +177,7 @@ def test_bento_builds_without_mlflow_or_torch(server, tmp_path):
     assert packed_models == {server["tag"]}  # both services reference the one stored model
     src = bentos[0].parent / "src"
     packed = sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
-    assert "service.py" in packed and "pipeline/imaging.py" in packed and "params.yaml" in packed
+    assert "service.py" in packed and "serving/imaging.py" in packed and "params.yaml" in packed
     assert {"page/index.html", "page/page.js", "page/page.css", "page/docs.html"} <= set(packed)  # the page at /
     assert not any(name.startswith(("pipeline/train", "pipeline/model", "tests/")) for name in packed)
     requirements = (bentos[0].parent / "env" / "python" / "requirements.txt").read_text(encoding="utf-8")
