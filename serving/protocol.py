@@ -56,7 +56,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.app = _EDGES[key]
         self.header_timer: asyncio.TimerHandle | None = None
         self.reading_headers = True
-        self.header_bytes = self.header_count = 0
+        self.header_bytes = self.header_count = self.header_size = 0
         self.refusal: tuple[int, str, str] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -79,10 +79,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._arm()
 
+    def on_url(self, url: bytes) -> None:
+        self.header_size += len(url)
+        super().on_url(url)
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_count += 1
+        self.header_size += len(name) + len(value) + 4  # ": " and CRLF
         if self.header_count > self.limits.max_headers:
             self.refusal = (431, "headers_too_large", f"more than {self.limits.max_headers} header fields")
+            raise _Refused
+        if self.header_size > self.limits.max_header_bytes:
+            self.refusal = (431, "headers_too_large", f"the request line and headers exceed "
+                            f"{self.limits.max_header_bytes:,} bytes")
             raise _Refused
         super().on_header(name, value)
 
@@ -93,7 +102,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        self.reading_headers, self.header_bytes, self.header_count = True, 0, 0
+        self.reading_headers, self.header_bytes, self.header_count, self.header_size = True, 0, 0, 0
 
     def send_400_response(self, msg: str) -> None:
         status, code, message = self.refusal or (400, "bad_request", f"{msg} (not a valid HTTP/1.1 request)")
