@@ -16,7 +16,7 @@ import numpy as np
 from serving.limits import RequestLimits
 from serving.requests import Upload, decode_glyphs, request_pixels
 
-INLINE_DECODE_PIXELS = 256 * 256  # ~1 ms of decoding; a 4000x4000 1-bit PNG of 12 KB blocked a loop 0.25 s
+INLINE_DECODE_PIXELS = 256 * 256  # about a millisecond of decoding; above, a thread (benchmarks/SERVE.md)
 DECODE_NICENESS = 10  # large decodes yield the cores to the event loops and the engine
 
 

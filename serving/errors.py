@@ -30,6 +30,7 @@ STATUS_CODES = {
     504: "timeout",
 }
 MESSAGE_MAX_CHARS = 500
+UNREAD_BODY_STATUSES = frozenset({400, 408, 413, 503})
 
 
 class RequestRejected(BentoMLException):
@@ -43,7 +44,11 @@ class RequestRejected(BentoMLException):
         return {"error": {"code": self.code, "message": self.message, **self.extra}}
 
     def response(self) -> JSONResponse:
-        headers = {"retry-after": "1"} if self.status == HTTPStatus.SERVICE_UNAVAILABLE else None
+        headers = {}
+        if self.status in UNREAD_BODY_STATUSES:  # the body may be left unread: the connection cannot be reused
+            headers["connection"] = "close"
+        if self.status == HTTPStatus.SERVICE_UNAVAILABLE:
+            headers["retry-after"] = "1"
         return JSONResponse(self.body(), self.status, headers=headers)
 
 

@@ -88,10 +88,8 @@ def body_too_large(limit: int) -> RequestRejected:
 
 
 class ByteBudget:
-    """Bytes of request bodies one worker holds at once; a request waits for room, then gets 503.
-
-    Without it, 32 concurrent 31 MB bodies took a worker from 265 MB to 1.1 GB (benchmarks/SERVE.md).
-    """
+    """Bytes of request bodies one worker holds at once: a burst of large bodies waits for room, then
+    gets 503, instead of swelling the worker's memory (measured in benchmarks/SERVE.md)."""
 
     def __init__(self, capacity: int, timeout_s: float) -> None:
         self.capacity, self.timeout_s = capacity, timeout_s
