@@ -58,6 +58,7 @@ class _Reply:
         self.started = False
         self.held: dict[str, Any] | None = None
         self.body = b""
+        self.swallow = False
 
     async def __call__(self, message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
@@ -66,10 +67,13 @@ class _Reply:
             if message["status"] >= 400:
                 self.held = message
                 return
-        elif message["type"] == "http.response.body" and self.held is not None:
+        elif message["type"] == "http.response.body" and (self.held is not None or self.swallow):
+            if self.held is None:  # the rest of an error body already answered whole
+                return
             self.body += message.get("body", b"")
             if message.get("more_body", False) and len(self.body) < ERROR_BODY_MAX_BYTES:
                 return
+            self.swallow = message.get("more_body", False)
             await self._send_error(self.held)
             return
         await self.send(message)

@@ -25,7 +25,13 @@ def call(app: Any, path: str = "/predict", method: str = "POST") -> tuple[int, d
         seen_path.append(scope["path"])
         await app(scope, receive, send)
 
+    received: list[bool] = []
+
     async def receive() -> dict[str, Any]:
+        if received:  # after the body: the client waits for the answer, then goes
+            await asyncio.sleep(0.05)
+            return {"type": "http.disconnect"}
+        received.append(True)
         return {"type": "http.request", "body": b"", "more_body": False}
 
     async def send(message: dict[str, Any]) -> None:
@@ -77,3 +83,15 @@ def test_unknown_paths_share_one_label_and_a_trailing_slash_is_the_route():
     assert call(ok, "/random/123")[3] == UNKNOWN_ROUTE
     assert call(ok, "/predict/")[3] == "/predict"
     assert call(ok, "/page/page.js")[3] == "/page/page.js"
+
+
+def test_a_long_streamed_error_body_is_answered_once_in_the_shape():
+    from starlette.responses import StreamingResponse
+
+    async def chunks():
+        for _ in range(10):
+            yield b"x" * 20_000
+
+    status, headers, body, _ = call(StreamingResponse(chunks(), status_code=500))
+    error = json.loads(body)["error"]
+    assert status == 500 and error["code"] == "internal_error" and int(headers[b"content-length"]) == len(body)
