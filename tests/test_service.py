@@ -292,8 +292,12 @@ def test_the_metrics_folder_is_the_servers_own(server):
 
     # What any other BentoML server started under the same home does first: wipe the shared folder.
     home = Path(server["env"]["BENTOML_HOME"])
-    BentoMLContainer.prometheus_multiproc_dir.set(str(home / "prometheus_multiproc_dir"))
-    ensure_prometheus_dir()
+    previous = BentoMLContainer.prometheus_multiproc_dir.get()
+    try:
+        BentoMLContainer.prometheus_multiproc_dir.set(str(home / "prometheus_multiproc_dir"))
+        ensure_prometheus_dir()
+    finally:
+        BentoMLContainer.prometheus_multiproc_dir.set(previous)
     own = list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"kuzushiji-metrics-{server['process'].pid}"))
     assert own and any(own[0].iterdir()), "the server keeps its metric files in a folder of its own"
     server["client"].post("/predict", files={"image": ("a.png", _png("い"), "image/png")})
