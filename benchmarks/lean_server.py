@@ -1,7 +1,7 @@
 """The lean anchor of the serving benchmark: the least a Python server can do for ``predict``.
 
 One process, one Starlette route, no framework middleware: read the body, parse and validate it with
-``serving.requests``, decode the glyph with ``pipeline.imaging``, batch concurrent requests with
+``serving.requests``, decode the glyph with ``serving.imaging``, batch concurrent requests with
 ``serving.batcher.MicroBatcher`` into ONNX Runtime, answer the same JSON. The service (service.py) does
 the same work inside BentoML, so the ratio of the two is what BentoML costs.
 
@@ -31,14 +31,9 @@ from pipeline.contract import (
     softmax,
 )
 from serving.batcher import MicroBatcher
-from serving.requests import (
-    RequestLimits,
-    RequestRejected,
-    decode_glyphs,
-    parse_top_k,
-    predict_request,
-    top_classes,
-)
+from serving.errors import RequestRejected
+from serving.limits import RequestLimits
+from serving.requests import decode_glyphs, parse_top_k, predict_request, top_classes
 
 MODEL_DIR_ENV, THREADS_ENV, MAX_BATCH_ENV = (
     "KUZUSHIJI_LEAN_MODEL_DIR",
@@ -49,7 +44,8 @@ MODEL_DIR_ENV, THREADS_ENV, MAX_BATCH_ENV = (
 LIMITS = RequestLimits(
     max_upload_bytes=5_000_000,
     max_pixels=16_000_000,
-    max_batch_images=64,
+    max_pixels_per_request=64_000_000,
+    max_images=64,
     max_request_bytes=32_000_000,
     default_top_k=5,
 )
@@ -69,7 +65,7 @@ batcher = MicroBatcher(classify, int(os.environ.get(MAX_BATCH_ENV, "64")))
 
 async def predict(request: Request) -> JSONResponse:
     try:
-        parsed = predict_request(await request.body(), request.headers.get("content-type"))
+        parsed = predict_request(await request.body(), request.headers.get("content-type"), LIMITS)
         k = parse_top_k(parsed.top_k, len(classmap), LIMITS.default_top_k)
         glyphs = decode_glyphs(parsed.uploads, LIMITS.image, batch=False)
         probabilities = await batcher.run(glyphs)

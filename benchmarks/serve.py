@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         [
             sys.executable,
             "-m",
-            "pipeline.bento",
+            "pipeline.stages.package",
             "store",
             "--onnx",
             str(work / ONNX_FILE),
@@ -326,7 +326,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "gpu": None,
         "serve_threads": serve.threads,
         "service_workers": f"workers=cpu_count ({psutil.cpu_count()})",
-        "max_batch_size": serve.max_batch_size,
+        "engine_max_batch": serve.engine_max_batch,
         "load_generator": "wrk, 1 thread, on the same cores as the servers",
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }

@@ -194,16 +194,36 @@ class MlflowSettings(_Section):
     experiment: str
 
 
+SERVE_RENAMED = {"max_batch_size": "engine_max_batch", "max_batch_images": "max_images_per_request"}
+
+
 class ServeSettings(_Section):
     bento_model: str
     top_k: PositiveInt
     max_upload_bytes: PositiveInt
     max_pixels: PositiveInt
-    max_batch_images: PositiveInt
+    max_pixels_per_request: PositiveInt
+    max_images_per_request: PositiveInt
     max_request_bytes: PositiveInt
-    max_batch_size: PositiveInt
+    engine_max_batch: PositiveInt
     request_timeout_s: PositiveInt
+    worker_body_budget_bytes: PositiveInt
+    queue_timeout_s: PositiveFloat
+    body_idle_timeout_s: PositiveFloat
+    header_timeout_s: PositiveFloat
+    keepalive_timeout_s: PositiveInt
+    max_header_bytes: PositiveInt
+    max_headers: PositiveInt
     threads: PositiveInt
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values: Any) -> Any:
+        """Limits renamed by role: name the new key rather than report a bare 'unknown key'."""
+        renamed = [old for old in SERVE_RENAMED if isinstance(values, Mapping) and old in values]
+        if renamed:
+            raise ConfigError("; ".join(f"serve.{old} was renamed serve.{SERVE_RENAMED[old]}" for old in renamed))
+        return values
 
 
 _SECTION_MODELS: dict[str, type[_Section]] = {

@@ -26,7 +26,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 BENTOFILE = ROOT / "bentofile.yaml"
-VERSION_LABEL = "registry_version"  # pipeline.bento.LABEL_REGISTRY_VERSION
+VERSION_LABEL = "registry_version"  # pipeline.stages.package.LABEL_REGISTRY_VERSION
 # Container and host run the same ONNX graph on the same glyph; only float reassociation may differ.
 PROB_ATOL = 1e-4
 UPSCALE = 4  # request images are 4x the glyph side, so the service's crop/resize path does real work
@@ -78,7 +78,7 @@ class HostModel:
 
         from pipeline.config import load_settings
         from pipeline.contract import CLASSMAP_FILE, ONNX_FILE, load_classmap, onnx_session
-        from pipeline.imaging import ImageLimits
+        from serving.imaging import ImageLimits
 
         try:
             model = bentoml.models.get(tag)
@@ -95,7 +95,7 @@ class HostModel:
 
     def probabilities(self, data: bytes) -> np.ndarray:
         from pipeline.contract import ONNX_INPUT, ONNX_OUTPUT, softmax
-        from pipeline.imaging import load_glyph
+        from serving.imaging import load_glyph
 
         images = load_glyph(data, self.limits).astype(np.float32)[None, None]
         (logits,) = self.session.run([ONNX_OUTPUT], {ONNX_INPUT: images})

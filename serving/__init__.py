@@ -1,5 +1,2 @@
-"""Serving helpers that service.py builds on, torch-free and importable without a server or a model.
-
-``serving.requests``: parsing and validating ``predict`` / ``predict_batch`` requests (pure functions);
-``serving.batcher``: the in-process micro-batcher that merges concurrent requests into one ONNX Runtime run.
-"""
+"""What service.py builds on: request limits and parsing, image decoding, the micro-batcher and the
+HTTP edge, torch-free and importable without a server or a model (docs/ARCHITECTURE.md lists them)."""

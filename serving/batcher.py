@@ -1,12 +1,5 @@
-"""An asyncio micro-batcher: concurrent requests of one process share one engine run.
-
-Requests that arrive while the engine is busy wait in a queue; as soon as the engine is free, everything
-waiting (up to ``max_batch_size`` images) goes into the next run. There is no timer: at one client a
-request runs alone at once (no added latency), under load the batches grow by themselves to what
-arrived during the previous run. The engine runs in one dedicated thread (ONNX Runtime releases the GIL),
-so the event loop keeps parsing and decoding the next requests meanwhile; runs never overlap, so the
-engine's own threads are never oversubscribed.
-"""
+"""An asyncio micro-batcher: concurrent requests of one process share one engine run, with no timer, so
+a lone request runs at once and batches grow with load (how it behaves: benchmarks/SERVE.md)."""
 
 from __future__ import annotations
 
@@ -21,11 +14,8 @@ Engine = Callable[[np.ndarray], np.ndarray]  # (N, ...) inputs -> (N, ...) outpu
 
 
 class MicroBatcher:
-    """Merge concurrent :meth:`run` calls into batched calls of ``engine``.
-
-    ``on_batch(images)`` is called with the size of every engine run (for a metric). A request larger
-    than ``max_batch_size`` runs alone, whole.
-    """
+    """Merge concurrent :meth:`run` calls into batched calls of ``engine`` (in one thread of its own, so the
+    loop parses meanwhile); ``on_batch(images)`` sees each run's size. A larger request runs alone, whole."""
 
     def __init__(
         self, engine: Engine, max_batch_size: int, on_batch: Callable[[int], None] | None = None

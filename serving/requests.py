@@ -1,66 +1,29 @@
 """What a ``predict`` / ``predict_batch`` request may hold, as pure functions: bytes and headers in,
-validated uploads (or a :class:`RequestRejected`) out.
-
-Nothing here touches the network, the model or params.yaml: limits come in as a :class:`RequestLimits`,
-so every rule can be unit-tested without a server (tests/test_requests.py). service.py reads the body,
-calls these functions and renders a rejection as ``{"error": {"code", "message", ...}}``.
-
-Errors use BentoML's documented mechanism, a :class:`bentoml.exceptions.BentoMLException` subclass whose
-``error_code`` is the HTTP status, so one that escaped our own rendering would still get its 4xx status.
-"""
+validated uploads (or a :class:`RequestRejected`) out, so every rule is unit-tested without a server."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any
 
 import numpy as np
-from bentoml.exceptions import BentoMLException
-from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
 
 from pipeline.contract import ClassMap
-from pipeline.imaging import ImageError, ImageLimits, load_glyph
+from serving.errors import RequestRejected
+from serving.imaging import ImageError, ImageLimits, load_glyph, pixel_count
+from serving.limits import JSON, RequestLimits, media_type
+from serving.multipart import PartLimits, parse_multipart
 
 MULTIPART = "multipart/form-data"
-JSON = "application/json"
-# Room for multipart boundaries, part headers and small form fields on top of the image bytes.
-MULTIPART_SLACK_BYTES = 64 * 1024
-BASE64_GROWTH = 4 / 3  # base64 text is 4/3 of the bytes it encodes
 FORM_FIELD_MAX_BYTES = 1024  # a non-file form field (top_k) is a short number
 SINGLE_FIELD, BATCH_FIELD = "image", "images"  # the form field of each endpoint
 TOP_K_FIELD = "top_k"
-
-
-class RequestRejected(BentoMLException):
-    """A bad request: a 4xx (or 503) whose ``code`` and ``message`` say what is wrong and what to do."""
-
-    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
-        super().__init__(message, error_code=HTTPStatus(status))
-        self.status, self.code, self.extra = status, code, extra
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message, **self.extra}}
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """The ``serve.*`` limits that bound one request (params.yaml)."""
-
-    max_upload_bytes: int
-    max_pixels: int
-    max_batch_images: int
-    max_request_bytes: int
-    default_top_k: int
-
-    @property
-    def image(self) -> ImageLimits:
-        return ImageLimits(max_bytes=self.max_upload_bytes, max_pixels=self.max_pixels)
+TOP_K_TEXT = re.compile(r"[0-9]{1,6}")  # ASCII digits only, and few: int() of 5,000 digits is slow
 
 
 @dataclass(frozen=True)
@@ -79,124 +42,36 @@ class ParsedRequest:
     top_k: Any = None
 
 
-@dataclass(frozen=True)
-class MultipartPart:
-    name: str
-    filename: str | None
-    data: bytes
-
-
-def media_type(content_type: str | None) -> str:
-    """``multipart/form-data; boundary=x`` -> ``multipart/form-data`` (lower case, '' when absent)."""
-    return (content_type or "").split(";", 1)[0].strip().lower()
-
-
-def body_limit(content_type: str | None, batch: bool, limits: RequestLimits) -> int:
-    """Most bytes a body may have: the images it may carry plus framing, within max_request_bytes."""
-    files = limits.max_batch_images if batch else 1
-    image_bytes = files * limits.max_upload_bytes
-    if media_type(content_type) == JSON:
-        image_bytes = int(image_bytes * BASE64_GROWTH)
-    return min(image_bytes + MULTIPART_SLACK_BYTES, limits.max_request_bytes)
-
-
-def check_declared_length(content_length: str | None, limit: int) -> None:
-    """Refuse (413) a body whose Content-Length already says it is too large, before reading it."""
-    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
-        raise RequestRejected(
-            413,
-            "too_large",
-            f"the request body is {int(content_length):,} bytes, above the "
-            f"limit of {limit:,} bytes for this endpoint: send fewer or smaller images",
-        )
-
-
-def body_too_large(limit: int) -> RequestRejected:
-    """The rejection for a body that grew past ``limit`` while it was read (no or a false Content-Length)."""
-    return RequestRejected(
-        413,
-        "too_large",
-        f"the request body exceeds {limit:,} bytes, the limit for this "
-        "endpoint: send fewer or smaller images",
-    )
-
-
-def parse_multipart(body: bytes, content_type: str) -> list[MultipartPart]:
-    """Every part of a multipart/form-data body, parsed in memory (never through temporary files)."""
-    _, options = parse_options_header(content_type)
-    boundary = options.get(b"boundary")
-    if not boundary:
-        raise RequestRejected(
-            400,
-            "bad_multipart",
-            "multipart/form-data without a boundary parameter: let your "
-            "HTTP client build the multipart body (e.g. curl -F image=@glyph.png)",
-        )
-    parts: list[MultipartPart] = []
-    headers: dict[str, bytes] = {}
-    field, value = bytearray(), bytearray()
-    chunks: list[bytes] = []
-
-    def on_part_begin() -> None:
-        headers.clear()
-        chunks.clear()
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        field.extend(data[start:end])
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        value.extend(data[start:end])
-
-    def on_header_end() -> None:
-        headers[field.decode("latin-1").lower()] = bytes(value)
-        field.clear()
-        value.clear()
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        chunks.append(data[start:end])
-
-    def on_part_end() -> None:
-        _, disposition = parse_options_header(headers.get("content-disposition", b""))
-        filename = disposition.get(b"filename")
-        parts.append(
-            MultipartPart(
-                name=disposition.get(b"name", b"").decode("utf-8", "replace"),
-                filename=filename.decode("utf-8", "replace") if filename is not None else None,
-                data=b"".join(chunks),
+def _part_limits(field: str, batch: bool, limits: RequestLimits) -> PartLimits:
+    def too_large(name: str, index: int, limit: int) -> RequestRejected:
+        if name == field:
+            where = f"image {index}" if batch else "the image"
+            return RequestRejected(
+                422, "invalid_image", f"{where}: the upload is above the limit of {limit:,} bytes: send a "
+                "smaller image (a glyph needs only a few kilobytes)", field=field,
             )
-        )
+        if name == TOP_K_FIELD:
+            return RequestRejected(422, "invalid_top_k", f"top_k is over {limit} bytes", field=name)
+        return RequestRejected(400, "unknown_field", f"unexpected form field {name!r}: send the image file(s) "
+                               f"as {field!r} and optionally {TOP_K_FIELD!r}")
 
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-        },
+    images = limits.max_images if batch else 1
+    return PartLimits(
+        max_parts=images + 2,  # the images, top_k, and one more so that "too many images" can say so
+        field_bytes={field: limits.max_upload_bytes, TOP_K_FIELD: FORM_FIELD_MAX_BYTES},
+        other_bytes=limits.max_upload_bytes,
+        too_large=too_large,
     )
-    try:
-        parser.write(body)
-        parser.finalize()
-    except MultipartParseError as exc:
-        raise RequestRejected(
-            400,
-            "bad_multipart",
-            f"the multipart body is malformed ({exc}): let your HTTP "
-            "client build it (e.g. curl -F image=@glyph.png)",
-        ) from None
-    return parts
 
 
-def _from_multipart(body: bytes, content_type: str, field: str) -> ParsedRequest:
-    uploads, top_k, unknown = [], None, []
-    for part in parse_multipart(body, content_type):
+def _from_multipart(body: bytes, content_type: str, batch: bool, limits: RequestLimits) -> ParsedRequest:
+    field = BATCH_FIELD if batch else SINGLE_FIELD
+    uploads, top_k, unknown = [], [], []
+    for part in parse_multipart(body, content_type, _part_limits(field, batch, limits)):
         if part.name == field:
             uploads.append(Upload(part.data, part.filename))
-        elif part.name == TOP_K_FIELD and part.filename is None and len(part.data) <= FORM_FIELD_MAX_BYTES:
-            top_k = part.data.decode("utf-8", "replace").strip()
+        elif part.name == TOP_K_FIELD and part.filename is None:
+            top_k.append(part.data.decode("utf-8", "replace").strip())
         else:
             unknown.append(part.name)
     if unknown:
@@ -206,21 +81,32 @@ def _from_multipart(body: bytes, content_type: str, field: str) -> ParsedRequest
             f"unexpected form field(s) {sorted(set(unknown))}: send the "
             f"image file(s) as {field!r} and optionally {TOP_K_FIELD!r}",
         )
-    return ParsedRequest(tuple(uploads), top_k)
+    if len(top_k) > 1:
+        raise RequestRejected(
+            422, "invalid_top_k", f"top_k was sent {len(top_k)} times: send it once", field=TOP_K_FIELD
+        )
+    return ParsedRequest(tuple(uploads), top_k[0] if top_k else None)
 
 
-def _from_json(body: bytes, field: str) -> ParsedRequest:
+def _json_payload(body: bytes, key: str) -> dict[str, Any]:
     try:
         payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestRejected(400, "invalid_json", f"the body is not valid JSON ({exc})") from None
-    key = f"{field}_base64"
+    except RecursionError:
+        raise RequestRejected(400, "invalid_json", "the JSON is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a number of over 4,300 digits
+        raise RequestRejected(400, "invalid_json", f"the body is not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(payload, dict) or set(payload) - {key, TOP_K_FIELD}:
         raise RequestRejected(
             400,
             "invalid_json",
             f'expected a JSON object {{"{key}": [...], "top_k": 5}} with base64-encoded image files',
         )
+    return payload
+
+
+def _from_json(body: bytes, field: str) -> ParsedRequest:
+    key = f"{field}_base64"
+    payload = _json_payload(body, key)
     encoded = payload.get(key)
     if isinstance(encoded, str):
         encoded = [encoded]
@@ -242,27 +128,27 @@ def _from_json(body: bytes, field: str) -> ParsedRequest:
     return ParsedRequest(tuple(uploads), payload.get(TOP_K_FIELD))
 
 
-def parse_body(body: bytes, content_type: str | None, batch: bool) -> ParsedRequest:
-    """Uploads and raw ``top_k`` from a multipart body (files) or, for ``predict_batch`` and ``predict``,
-    a JSON body of base64 strings (``{"image_base64": ...}`` / ``{"images_base64": [...]}``)."""
+def parse_body(body: bytes, content_type: str | None, batch: bool, limits: RequestLimits) -> ParsedRequest:
+    """Uploads and raw ``top_k`` from a multipart body (files) or a JSON body of base64 strings
+    (``{"image_base64": ...}`` / ``{"images_base64": [...]}``)."""
     field = BATCH_FIELD if batch else SINGLE_FIELD
     kind = media_type(content_type)
     if kind == MULTIPART:
-        return _from_multipart(body, content_type or "", field)
+        return _from_multipart(body, content_type or "", batch, limits)
     if kind == JSON:
         return _from_json(body, field)
     raise RequestRejected(
         415,
         "unsupported_media_type",
-        f"Content-Type {kind or '(none)'!r} is not accepted: "
+        f"Content-Type {kind[:80] or '(none)'!r} is not accepted: "
         f"send multipart/form-data with the file(s) in {field!r}"
         + (" or application/json with base64 strings" if batch else ""),
     )
 
 
-def predict_request(body: bytes, content_type: str | None) -> ParsedRequest:
+def predict_request(body: bytes, content_type: str | None, limits: RequestLimits) -> ParsedRequest:
     """A ``predict`` request: exactly one image."""
-    parsed = parse_body(body, content_type, batch=False)
+    parsed = parse_body(body, content_type, batch=False, limits=limits)
     if len(parsed.uploads) != 1:
         raise RequestRejected(
             422,
@@ -275,8 +161,8 @@ def predict_request(body: bytes, content_type: str | None) -> ParsedRequest:
 
 
 def predict_batch_request(body: bytes, content_type: str | None, limits: RequestLimits) -> ParsedRequest:
-    """A ``predict_batch`` request: 1..max_batch_images images."""
-    parsed = parse_body(body, content_type, batch=True)
+    """A ``predict_batch`` request: 1..max_images images."""
+    parsed = parse_body(body, content_type, batch=True, limits=limits)
     if not parsed.uploads:
         raise RequestRejected(
             422,
@@ -285,12 +171,12 @@ def predict_batch_request(body: bytes, content_type: str | None, limits: Request
             f"(repeat it per file) or JSON '{BATCH_FIELD}_base64'",
             field=BATCH_FIELD,
         )
-    if len(parsed.uploads) > limits.max_batch_images:
+    if len(parsed.uploads) > limits.max_images:
         raise RequestRejected(
             413,
             "too_many_images",
             f"{len(parsed.uploads)} images in one request, above the "
-            f"limit of {limits.max_batch_images}: split them over several requests",
+            f"limit of {limits.max_images}: split them over several requests",
             field=BATCH_FIELD,
         )
     return parsed
@@ -300,22 +186,37 @@ def parse_top_k(value: Any, num_classes: int, default: int) -> int:
     """``top_k`` as sent (form text, JSON number or None) -> 1..num_classes; absent -> ``default``."""
     if value is None or value == "":
         return min(default, num_classes)
-    try:
+    if isinstance(value, str) and TOP_K_TEXT.fullmatch(value.strip()):
         top_k = int(value)
-        if isinstance(value, float | bool) or str(top_k) != str(value).strip():
-            raise ValueError
-    except (TypeError, ValueError):
-        raise RequestRejected(
-            422, "invalid_top_k", f"top_k must be a whole number, got {value!r}", field=TOP_K_FIELD
-        ) from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        top_k = value
+    else:
+        shown = repr(value) if not isinstance(value, str) or len(value) <= 40 else f"{value[:40]!r}..."
+        raise RequestRejected(422, "invalid_top_k", f"top_k must be a whole number, got {shown}", field=TOP_K_FIELD)
     if not 1 <= top_k <= num_classes:
+        shown = str(top_k) if abs(top_k) < 10**9 else "a number far outside that range"
         raise RequestRejected(
             422,
             "invalid_top_k",
-            f"top_k must be between 1 and {num_classes} (the number of classes), got {top_k}",
+            f"top_k must be between 1 and {num_classes} (the number of classes), got {shown}",
             field=TOP_K_FIELD,
         )
     return top_k
+
+
+def request_pixels(uploads: Sequence[Upload], limits: RequestLimits) -> int:
+    """Decoded pixels of all uploads, from their headers; 413 above ``max_pixels_per_request``."""
+    counts = [pixel_count(upload.data) for upload in uploads]
+    # An image over the per-image limit is refused by its own header, by name, without decoding.
+    total = sum(count for count in counts if count <= limits.max_pixels)
+    if total > limits.max_pixels_per_request:
+        raise RequestRejected(
+            413,
+            "too_many_pixels",
+            f"the images hold {total:,} pixels together, above the limit of {limits.max_pixels_per_request:,} "
+            "for one request: downscale them or split them over several requests",
+        )
+    return total
 
 
 def decode_glyphs(uploads: Sequence[Upload], limits: ImageLimits, batch: bool) -> np.ndarray:

@@ -194,3 +194,80 @@ ODD_BUT_VALID: dict[str, Callable[[str], bytes]] = {
     "bmp": lambda char: encode(Image.open(io.BytesIO(scan_png(char))), "BMP"),
     "tiff": lambda char: encode(Image.open(io.BytesIO(scan_png(char))), "TIFF"),
 }
+
+
+# ----------------------------------------------- hostile but legitimate clients (issue 20)
+def multipart_raw(parts: list[tuple[str, str | None, bytes]], boundary: str = "b", close: bool = True) -> bytes:
+    """A multipart body built by hand (``close=False``: without its closing boundary)."""
+    chunks = []
+    for name, filename, data in parts:
+        file_part = f'; filename="{filename}"' if filename is not None else ""
+        chunks.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"{file_part}\r\n\r\n'.encode()
+                      + data + b"\r\n")
+    return b"".join(chunks) + (f"--{boundary}--\r\n".encode() if close else b"")
+
+
+def hostile_requests(valid_png: bytes, max_pixels_per_request: int) -> list[BadRequest]:
+    """Small requests that once cost seconds or hung the server; each must be a 4xx JSON at once."""
+    form = {"content-type": "multipart/form-data; boundary=b"}
+    as_json = {"content-type": "application/json"}
+    encoded = base64.b64encode(valid_png).decode()
+    side = int((max_pixels_per_request // 2) ** 0.5) + 1  # two such images pass the per-request pixel cap
+    big = huge_png(side, side)
+    return [
+        BadRequest("json nested 100,000 deep", "predict_batch", 400, "nested", content=b"[" * 100_000,
+                   headers=as_json),
+        BadRequest("json objects nested 50,000 deep", "predict_batch", 400, "nested",
+                   content=b'{"images_base64":' * 50_000, headers=as_json),
+        BadRequest("top_k Infinity", "predict_batch", 422, "whole number",
+                   content=f'{{"images_base64": ["{encoded}"], "top_k": Infinity}}'.encode(), headers=as_json),
+        BadRequest("top_k 1e400", "predict_batch", 422, "whole number",
+                   content=f'{{"images_base64": ["{encoded}"], "top_k": 1e400}}'.encode(), headers=as_json),
+        BadRequest("top_k of 5,000 digits (json)", "predict_batch", 400, "not valid JSON",
+                   content=f'{{"images_base64": ["{encoded}"], "top_k": {"9" * 5000}}}'.encode(),
+                   headers=as_json),
+        BadRequest("top_k of 5,000 digits (form)", "predict", 422, "top_k",
+                   content=multipart_raw([("image", "a.png", valid_png), ("top_k", None, b"9" * 5000)]),
+                   headers=form),
+        BadRequest("top_k sent twice", "predict", 422, "once",
+                   content=multipart_raw([("image", "a.png", valid_png), ("top_k", None, b"2"),
+                                          ("top_k", None, b"3")]), headers=form),
+        BadRequest("boundary of 300 characters", "predict", 400, "boundary",
+                   content=multipart_raw([("image", "a.png", valid_png)], "x" * 300),
+                   headers={"content-type": "multipart/form-data; boundary=" + "x" * 300}),
+        BadRequest("unterminated multipart", "predict", 400, "closing boundary",
+                   content=multipart_raw([("image", "a.png", valid_png)], close=False), headers=form),
+        BadRequest("40,000 empty parts", "predict_batch", 413, "form parts",
+                   content=multipart_raw([("images", "e.png", b"")] * 40_000), headers=form),
+        BadRequest("pixels per request", "predict_batch", 413, "pixels",
+                   content=multipart_raw([("images", "a.png", big), ("images", "b.png", big)]), headers=form),
+        BadRequest("blank 28x28 white", "predict", 422, "no visible strokes",
+                   content=multipart_raw([("image", "w.png", encode(Image.new("L", (28, 28), 255)))]), headers=form),
+        BadRequest("blank 28x28 black", "predict", 422, "no visible strokes",
+                   content=multipart_raw([("image", "k.png", encode(Image.new("L", (28, 28), 0)))]), headers=form),
+    ]
+
+
+def raw_http(port: int, data: bytes, timeout_s: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """Send ``data`` as is on a fresh connection and read the answer (raises on a timeout: a hang)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(data)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1]) if lines and len(lines[0].split()) > 1 else 0
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    return status, headers, body

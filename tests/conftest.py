@@ -23,6 +23,16 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="session")
+def served_tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One real `bentoml serve` of the tiny model for every test that only talks HTTP to it (service, page):
+    trained, stored and started once per session. One worker, so a test of the per-worker limits is exact."""
+    from tests.served_model import SHARED_LIMITS, serve_tiny_model
+
+    with serve_tiny_model(tmp_path_factory.mktemp("served"), SHARED_LIMITS, workers=1) as served:
+        yield served
+
+
 @pytest.fixture
 def make_settings(tmp_path: Path) -> Callable[..., Settings]:
     """Settings rooted in a temp dir: conf/ composed with a profile, then dotted overrides.

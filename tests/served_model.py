@@ -31,6 +31,21 @@ TRAIN_CLASSES = 10  # the first K49 classes: あ い う え お か き く け
 PER_CLASS = 40
 EPOCHS = 5
 REGISTRY_VERSION = "7"  # what /version and X-Model-Version must report
+# The limits of the one server the service and page tests share (tests/conftest.py): small, so that
+# each limit is cheap to reach, and short timeouts, so that a test of one waits a second, not minutes.
+SHARED_LIMITS = {
+    "top_k": 3,
+    "max_images_per_request": 8,
+    "max_upload_bytes": 1_000_000,
+    "max_request_bytes": 3_000_000,  # below 8 x 1 MB: the body cap binds first
+    "max_pixels_per_request": 20_000_000,
+    "worker_body_budget_bytes": 8_000_000,  # one 3 MB body (held twice) at a time, the rest queue ...
+    "queue_timeout_s": 0.5,  # ... half a second, then 503
+    "body_idle_timeout_s": 1.0,
+    "header_timeout_s": 2.0,
+    "max_header_bytes": 16_384,
+    "max_headers": 50,
+}
 
 
 def train_tiny_model(out: Path) -> list[str]:
@@ -61,8 +76,9 @@ def train_tiny_model(out: Path) -> list[str]:
 
 
 @contextmanager
-def serve_tiny_model(work: Path, serve_overrides: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-    """Train, store and serve the tiny model; yields client, url, chars, tag, process, env and work.
+def serve_tiny_model(work: Path, serve_overrides: dict[str, Any] | None = None,
+                     workers: int | None = None) -> Iterator[dict[str, Any]]:
+    """Train, store and serve the tiny model; yields client, url, port, chars, tag, process, env and work.
 
     ``serve_overrides`` replace keys of params.yaml's ``serve:`` section for this server only.
     """
@@ -72,6 +88,8 @@ def serve_tiny_model(work: Path, serve_overrides: dict[str, Any] | None = None) 
     (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     env = {"BENTOML_HOME": str(work / "bentoml"), "KUZUSHIJI_PARAMS": str(work / "params.yaml"),
            "BENTOML_DO_NOT_TRACK": "True"}
+    if workers is not None:
+        env["BENTOML_CONFIG_OPTIONS"] = f"services.kuzushiji.workers={workers}"
     store = subprocess.run(
         [sys.executable, "-m", "pipeline.stages.package", "store", "--onnx", str(work / "model.onnx"),
          "--classmap", str(work / "classmap.csv"), "--meta", str(work / "meta.json"),
@@ -86,5 +104,5 @@ def serve_tiny_model(work: Path, serve_overrides: dict[str, Any] | None = None) 
         [bentoml_cli, "serve", "service:Kuzushiji", "--host", "127.0.0.1", "--port", str(port)],
         ready_url=f"{url}/readyz", env=env, cwd=PROJECT_ROOT, log_path=work / "serve.log",
     ) as process, httpx.Client(base_url=url, timeout=60.0) as client:
-        yield {"client": client, "url": url, "chars": chars, "tag": tag, "process": process, "env": env,
+        yield {"client": client, "url": url, "port": port, "chars": chars, "tag": tag, "process": process, "env": env,
                "work": work}

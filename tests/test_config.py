@@ -91,6 +91,14 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path):
         load_settings(path)
 
 
+@pytest.mark.parametrize(("old", "new"), [("max_batch_size", "engine_max_batch"),
+                                          ("max_batch_images", "max_images_per_request")])
+def test_renamed_serve_limits_name_their_new_key(tmp_path, old, new):
+    path = _write(tmp_path, lambda p: p["serve"].update({old: 8}))
+    with pytest.raises(ConfigError, match=rf"serve\.{old} was renamed serve\.{new}"):
+        load_settings(path)
+
+
 def test_invalid_value_is_named(tmp_path):
     path = _write(tmp_path, lambda p: p["data"].update(val_fraction=1.5))
     with pytest.raises(ConfigError, match=r"data\.val_fraction"):

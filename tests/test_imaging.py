@@ -1,4 +1,4 @@
-"""pipeline.imaging: uploads of any kind become dataset-like 28x28 glyphs; bad ones get clear errors."""
+"""serving.imaging: uploads of any kind become dataset-like 28x28 glyphs; bad ones get clear errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.imaging import GLYPH_SIDE, ImageError, ImageLimits, decode_gray, load_glyph, to_glyph
+from serving.imaging import GLYPH_SIDE, ImageError, ImageLimits, decode_gray, load_glyph, to_glyph
 from tests import bad_inputs
 
 LIMITS = ImageLimits(max_bytes=5_000_000, max_pixels=16_000_000)
@@ -131,3 +131,18 @@ def test_sixteen_bit_scale_is_preserved():
     gray = decode_gray(bad_inputs.encode(Image.fromarray(values)), LIMITS)
     assert gray.max() == pytest.approx(255.0) and gray.min() == pytest.approx(0.0)
     assert Image.open(io.BytesIO(bad_inputs.png16(CHAR))).mode.startswith("I")
+
+
+@pytest.mark.parametrize("side", [GLYPH_SIDE, 100])
+@pytest.mark.parametrize("level", [0, 255])
+def test_blank_images_are_refused_at_every_size(side, level):
+    blank = bad_inputs.encode(Image.new("L", (side, side), level))
+    with pytest.raises(ImageError, match="no visible strokes"):
+        load_glyph(blank, LIMITS)
+
+
+def test_pixel_count_reads_the_header_only():
+    from serving.imaging import pixel_count
+
+    assert pixel_count(bad_inputs.huge_png(4000, 4000)) == 16_000_000
+    assert pixel_count(b"not an image") == 0

@@ -1,5 +1,5 @@
 """The page at ``/``, in a real browser (Debian's headless Chromium driven by Playwright) against a real
-`bentoml serve` of the tiny model (``tests.served_model``): one server and one browser for the module.
+`bentoml serve` of the tiny model (the session's ``served_tiny``): one server and one browser.
 
 What the page shows is compared with what the HTTP APIs answer for the same image bytes. The dataset
 images come from the KMNIST files beside the clone (``../shared/data/kmnist-dev``), read, never copied.
@@ -20,8 +20,8 @@ from PIL import Image
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from pipeline.contract import load_classmap
-from pipeline.imaging import ImageLimits, load_glyph
-from tests.served_model import REGISTRY_VERSION, serve_tiny_model
+from serving.imaging import ImageLimits, load_glyph
+from tests.served_model import REGISTRY_VERSION
 from tests.support import PROJECT_ROOT
 from tests.test_container import _checker
 
@@ -42,10 +42,9 @@ KO = [[(0.30, 0.30), (0.50, 0.27), (0.70, 0.28), (0.62, 0.38)],
       [(0.25, 0.66), (0.40, 0.75), (0.60, 0.76), (0.78, 0.70)]]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with serve_tiny_model(tmp_path_factory.mktemp("page")) as served:
-        yield served
+@pytest.fixture
+def server(served_tiny):
+    return served_tiny  # the session's one server (tests/conftest.py), shared with tests/test_service.py
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Request parsing, validation and micro-batching without a server (serving.requests, serving.batcher).
+"""Request parsing, limits and micro-batching without a server (serving.requests, serving.limits, serving.batcher).
 
 The HTTP behaviour of the same rules is covered end to end by tests/test_service.py (bad_inputs corpus).
 """
@@ -14,39 +14,38 @@ import pytest
 from bentoml.exceptions import BentoMLException
 
 from pipeline.contract import ClassMap
-from pipeline.imaging import ImageLimits
 from serving.batcher import MicroBatcher
+from serving.errors import RequestRejected
+from serving.imaging import ImageLimits
+from serving.limits import ByteBudget, RequestLimits, body_limit, declared_length
 from serving.requests import (
-    RequestLimits,
-    RequestRejected,
     Upload,
-    body_limit,
-    check_declared_length,
     decode_glyphs,
     parse_body,
-    parse_multipart,
     parse_top_k,
     predict_batch_request,
     predict_request,
+    request_pixels,
     top_classes,
 )
 from tests import bad_inputs
 
 LIMITS = RequestLimits(
-    max_upload_bytes=1000, max_pixels=10_000, max_batch_images=3, max_request_bytes=2500, default_top_k=5
+    max_upload_bytes=1000, max_pixels=10_000, max_pixels_per_request=15_000, max_images=3, max_request_bytes=2500,
+    default_top_k=5,
 )
 BOUNDARY = "testboundary"
 MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
 
 
 def multipart(*parts: tuple[str, str | None, bytes]) -> bytes:
-    body = b""
+    chunks = []
     for name, filename, data in parts:
         disposition = f'form-data; name="{name}"' + (
             f'; filename="{filename}"' if filename is not None else ""
         )
-        body += f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
-    return body + f"--{BOUNDARY}--\r\n".encode()
+        chunks.append(f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(chunks) + f"--{BOUNDARY}--\r\n".encode()
 
 
 def rejected(call, *args, **kwargs) -> RequestRejected:
@@ -63,16 +62,8 @@ def test_rejection_is_a_bentoml_exception_with_the_status_and_our_error_shape():
     }
 
 
-def test_multipart_parts_keep_names_file_names_and_bytes():
-    parts = parse_multipart(multipart(("image", "a.png", b"\x89PNG..."), ("top_k", None, b"3")), MULTIPART)
-    assert [(p.name, p.filename, p.data) for p in parts] == [
-        ("image", "a.png", b"\x89PNG..."),
-        ("top_k", None, b"3"),
-    ]
-
-
 def test_predict_request_takes_one_image_and_top_k():
-    parsed = predict_request(multipart(("image", "a.png", b"png"), ("top_k", None, b" 2 ")), MULTIPART)
+    parsed = predict_request(multipart(("image", "a.png", b"png"), ("top_k", None, b" 2 ")), MULTIPART, LIMITS)
     assert [u.data for u in parsed.uploads] == [b"png"] and parsed.uploads[0].filename == "a.png"
     assert parsed.top_k == "2"
 
@@ -91,7 +82,7 @@ def test_predict_request_takes_one_image_and_top_k():
     ],
 )
 def test_bad_predict_requests(body, content_type, status, phrase):
-    problem = rejected(predict_request, body, content_type)
+    problem = rejected(predict_request, body, content_type, LIMITS)
     assert problem.status == status and phrase in problem.message
 
 
@@ -124,17 +115,18 @@ def test_bad_batch_requests(body, content_type, status, phrase):
 
 
 def test_json_is_accepted_only_where_documented_in_the_415_message():
-    assert "application/json" in rejected(parse_body, b"", "text/plain", batch=True).message
-    assert "application/json" not in rejected(parse_body, b"", "text/plain", batch=False).message
+    assert "application/json" in rejected(parse_body, b"", "text/plain", True, LIMITS).message
+    assert "application/json" not in rejected(parse_body, b"", "text/plain", False, LIMITS).message
 
 
 def test_body_limits_bound_memory_before_reading():
     assert body_limit(MULTIPART, batch=False, limits=LIMITS) == min(1000 + 64 * 1024, 2500)
     assert body_limit("application/json", batch=True, limits=LIMITS) == 2500  # max_request_bytes binds
-    check_declared_length("2500", 2500)
-    check_declared_length(None, 2500)
-    problem = rejected(check_declared_length, "2501", 2500)
+    assert declared_length("2500", 2500) == 2500 and declared_length(None, 2500) is None
+    problem = rejected(declared_length, "2501", 2500)
     assert problem.status == 413 and "limit" in problem.message
+    assert rejected(declared_length, "9" * 5000, 2500).status == 413  # no 5,000-digit int() or str()
+    assert rejected(declared_length, "12abc", 2500).status == 400
 
 
 @pytest.mark.parametrize(("value", "expected"), [(None, 5), ("", 5), ("3", 3), (" 7 ", 7), (49, 49)])
@@ -240,3 +232,73 @@ def test_a_request_larger_than_the_batch_size_runs_whole():
             batcher.close()
 
     assert len(asyncio.run(scenario())) == 5 and sizes == [5]
+
+
+# ------------------------------------------------------------- hostile but cheap requests (issue 20)
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "code"),
+    [
+        (b"[" * 100_000, "application/json", 400, "invalid_json"),  # nested too deeply
+        (b'{"images_base64":' * 50_000, "application/json", 400, "invalid_json"),
+        (b'{"images_base64": ["QQ=="], "top_k": ' + b"9" * 5000 + b"}", "application/json", 400, "invalid_json"),
+        (multipart(("images", "a", b"1")), "multipart/form-data; boundary=" + "b" * 300, 400, "bad_multipart"),
+        (multipart(("images", "a", b"1"))[:-20], MULTIPART, 400, "bad_multipart"),  # no closing boundary
+        (multipart(("images", "a", b"1"), ("top_k", None, b"2"), ("top_k", None, b"3")), MULTIPART, 422,
+         "invalid_top_k"),
+        (multipart(*[("images", "a", b"")] * 100_000), MULTIPART, 413, "too_many_parts"),
+        (multipart(("images", "a", b"x" * 1001)), MULTIPART, 422, "invalid_image"),  # over max_upload_bytes
+        (multipart(("images", "a", b"1"), ("top_k", None, b"1" * 2000)), MULTIPART, 422, "invalid_top_k"),
+    ],
+    ids=["deep arrays", "deep objects", "5000-digit number", "long boundary", "unterminated", "top_k twice",
+         "100k empty parts", "file over its limit", "long top_k"],
+)
+def test_hostile_bodies_are_refused_at_once(body, content_type, status, code):
+    problem = rejected(predict_batch_request, body, content_type, LIMITS)
+    assert (problem.status, problem.code) == (status, code), problem.message
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 10**5000, "9" * 5000, "1e400", "Infinity", "٣", [3]],
+                         ids=["inf", "nan", "huge int", "5000 digits", "1e400", "Infinity", "arabic digit", "list"])
+def test_top_k_of_absurd_values_is_a_quick_422(value):
+    problem = rejected(parse_top_k, value, num_classes=49, default=5)
+    assert problem.status == 422 and problem.code == "invalid_top_k" and len(problem.message) < 300
+
+
+def test_pixels_per_request_are_capped_from_the_headers():
+    image = bad_inputs.encode(bad_inputs.Image.new("L", (100, 100), 0))  # 10,000 pixels each
+    assert request_pixels([Upload(image)], LIMITS) == 10_000
+    problem = rejected(request_pixels, [Upload(image), Upload(image)], LIMITS)
+    assert problem.status == 413 and problem.code == "too_many_pixels"
+    assert request_pixels([Upload(b"not an image")], LIMITS) == 0  # the decoder names that problem
+
+
+def test_byte_budget_queues_then_refuses_with_503():
+    async def scenario() -> tuple[int, RequestRejected]:
+        budget = ByteBudget(capacity=100, timeout_s=0.05)
+        async with budget.reserve(40):  # holds 80 (a body and its parsed copy)
+            async with budget.reserve(5):  # small ones still fit
+                pass
+            with pytest.raises(RequestRejected) as refused:
+                async with budget.reserve(40):
+                    pass
+        async with budget.reserve(40):  # room again once released
+            held = budget.used
+        return held, refused.value
+
+    held, refused = asyncio.run(scenario())
+    assert held == 80 and refused.status == 503 and refused.code == "overloaded"
+
+
+def test_a_waiting_request_goes_when_room_is_freed():
+    async def scenario() -> list[str]:
+        budget, order = ByteBudget(capacity=100, timeout_s=2.0), []
+
+        async def hold(name: str, size: int, seconds: float) -> None:
+            async with budget.reserve(size):
+                order.append(name)
+                await asyncio.sleep(seconds)
+
+        await asyncio.gather(hold("first", 50, 0.05), hold("second", 50, 0))
+        return order
+
+    assert asyncio.run(scenario()) == ["first", "second"]

@@ -1,7 +1,8 @@
 """End to end: a real `bentoml serve` on 127.0.0.1 serving a SpinalVGG trained seconds on rendered glyphs.
 
-One server per module (``tests.served_model``): the model is trained, exported to ONNX, imported into a
-BentoML store under tmp (BENTOML_HOME) and served; every test talks HTTP to it.
+The one server of the session (``served_tiny`` in tests/conftest.py, shared with the page tests): the
+model is trained, exported to ONNX, imported into a BentoML store under tmp and served; every test talks
+HTTP to it, hostile requests included (each must get its JSON answer within a few seconds).
 """
 
 from __future__ import annotations
@@ -17,23 +18,20 @@ import pytest
 import yaml
 
 from tests import bad_inputs
-from tests.served_model import TRAIN_CLASSES, serve_tiny_model
+from tests.served_model import SHARED_LIMITS, TRAIN_CLASSES
 from tests.support import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
-TOP_K = 3
-MAX_BATCH_IMAGES = 8  # small, so "too many images" is cheap to send
-MAX_UPLOAD_BYTES = 1_000_000
-MAX_REQUEST_BYTES = 3_000_000  # below MAX_BATCH_IMAGES * MAX_UPLOAD_BYTES: the body cap binds first
+TOP_K = SHARED_LIMITS["top_k"]
+MAX_BATCH_IMAGES = SHARED_LIMITS["max_images_per_request"]
+MAX_UPLOAD_BYTES = SHARED_LIMITS["max_upload_bytes"]
+MAX_REQUEST_BYTES = SHARED_LIMITS["max_request_bytes"]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    limits = {"max_batch_images": MAX_BATCH_IMAGES, "max_upload_bytes": MAX_UPLOAD_BYTES,
-              "max_request_bytes": MAX_REQUEST_BYTES, "top_k": TOP_K}
-    with serve_tiny_model(tmp_path_factory.mktemp("service"), limits) as served:
-        yield served
+@pytest.fixture
+def server(served_tiny):
+    return served_tiny
 
 
 def _png(char: str) -> bytes:
@@ -179,8 +177,128 @@ def test_bento_builds_without_mlflow_or_torch(server, tmp_path):
     assert packed_models == {server["tag"]}  # both services reference the one stored model
     src = bentos[0].parent / "src"
     packed = sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
-    assert "service.py" in packed and "pipeline/imaging.py" in packed and "params.yaml" in packed
+    assert "service.py" in packed and "serving/imaging.py" in packed and "params.yaml" in packed
     assert {"page/index.html", "page/page.js", "page/page.css", "page/docs.html"} <= set(packed)  # the page at /
     assert not any(name.startswith(("pipeline/train", "pipeline/model", "tests/")) for name in packed)
     requirements = (bentos[0].parent / "env" / "python" / "requirements.txt").read_text(encoding="utf-8")
     assert "onnxruntime==" in requirements and "torch" not in requirements and "mlflow" not in requirements
+
+
+# ------------------------------------------------------------------------------ issue 20: no hangs
+ANSWER_WITHIN_S = 5.0  # a hostile request's JSON answer; the old hangs took 30 s
+
+
+def _is_error_json(response_status: int, body: bytes) -> dict:
+    import json
+
+    error = json.loads(body)["error"]
+    assert set(error) >= {"code", "message"} and isinstance(error["code"], str), body[:300]
+    assert response_status >= 400
+    return error
+
+
+def test_hostile_requests_get_a_4xx_json_at_once(server):
+    import httpx
+
+    corpus = bad_inputs.hostile_requests(_png("あ"), SHARED_LIMITS["max_pixels_per_request"])
+    failures = []
+    with httpx.Client(base_url=server["url"], timeout=ANSWER_WITHIN_S) as client:
+        for bad in corpus:
+            response = bad.send(client)  # an httpx timeout here is a hang
+            try:
+                error = _is_error_json(response.status_code, response.content)
+                ok = response.status_code == bad.expect_status and bad.expect_phrase.lower() in error["message"].lower()
+            except (ValueError, KeyError, TypeError, AssertionError):
+                ok = False
+            if not ok:
+                failures.append(f"{bad.name}: HTTP {response.status_code} {response.text[:300]}")
+        assert not failures, "\n".join(failures)
+        assert client.post("/predict", files={"image": ("a.png", _png("あ"), "image/png")}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [("GET", "/no/such/page", 404, "not_found"), ("GET", "/predict", 405, "method_not_allowed"),
+     ("DELETE", "/version", 405, "method_not_allowed"), ("GET", "/page/missing.js", 404, "not_found")],
+)
+def test_framework_errors_have_the_one_shape(server, method, path, status, code):
+    response = server["client"].request(method, path)
+    assert response.status_code == status
+    assert _is_error_json(status, response.content)["code"] == code
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers.get("x-model-version") == "7"
+
+
+def test_a_trailing_slash_is_served_not_redirected(server):
+    response = server["client"].post("/predict/", files={"image": ("a.png", _png("あ"), "image/png")})
+    assert response.status_code == 200 and response.json()["predictions"]
+
+
+def test_a_body_shorter_than_its_content_length_gets_408(server):
+    head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 5000\r\n\r\n")
+    status, headers, body = bad_inputs.raw_http(server["port"], head + b"--b\r\n", timeout_s=ANSWER_WITHIN_S)
+    assert status == 408 and _is_error_json(status, body)["code"] == "body_timeout"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /livez HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(5000)) + b"\r\n", 431),
+        (b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n", 431),
+        (b"GET /livez HTTP/1.1\r\nHost: x\r\n", 408),  # headers never finished
+        (b"\x16\x03\x01 not http at all\r\n\r\n", 400),
+        (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n", 400),
+    ],
+    ids=["5000 headers", "100 KB header", "unfinished headers", "not HTTP", "bad content-length"],
+)
+def test_the_http_layer_refuses_in_json(server, request_bytes, status):
+    got, headers, body = bad_inputs.raw_http(server["port"], request_bytes, timeout_s=ANSWER_WITHIN_S)
+    assert got == status, body[:300]
+    _is_error_json(got, body)
+    assert headers.get("connection") == "close"
+
+
+def test_a_burst_of_large_bodies_waits_for_the_worker_budget_then_gets_503(server):
+    import socket
+
+    size = MAX_REQUEST_BYTES - 1000  # reserves twice that: the worker's budget holds one at a time
+    head = (f"POST /predict_batch HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {size}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server["port"]), timeout=ANSWER_WITHIN_S) as holder:
+        holder.sendall(head)  # announced, never sent: holds the budget until its body times out
+        import time
+
+        time.sleep(0.2)
+        status, headers, body = bad_inputs.raw_http(server["port"], head + b"x" * 10, timeout_s=ANSWER_WITHIN_S)
+        assert status == 503 and _is_error_json(status, body)["code"] == "overloaded"
+        assert headers.get("retry-after")
+    still = server["client"].post("/predict", files={"image": ("a.png", _png("あ"), "image/png")})
+    assert still.status_code == 200
+
+
+def test_metric_labels_come_only_from_known_routes(server):
+    client = server["client"]
+    for i in range(200):
+        assert client.get(f"/random-{i}-path").status_code == 404
+    text = client.get("/metrics").text
+    assert "random-" not in text and 'endpoint="/~unknown"' in text
+    assert len(text) < 500_000
+
+
+def test_the_metrics_folder_is_the_servers_own(server):
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml.serving import ensure_prometheus_dir
+
+    # What any other BentoML server started under the same home does first: wipe the shared folder.
+    home = Path(server["env"]["BENTOML_HOME"])
+    previous = BentoMLContainer.prometheus_multiproc_dir.get()
+    try:
+        BentoMLContainer.prometheus_multiproc_dir.set(str(home / "prometheus_multiproc_dir"))
+        ensure_prometheus_dir()
+    finally:
+        BentoMLContainer.prometheus_multiproc_dir.set(previous)
+    own = list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"kuzushiji-metrics-{server['process'].pid}"))
+    assert own and any(own[0].iterdir()), "the server keeps its metric files in a folder of its own"
+    server["client"].post("/predict", files={"image": ("a.png", _png("い"), "image/png")})
+    assert "kuzushiji_images_total" in server["client"].get("/metrics").text

@@ -1,19 +1,6 @@
-"""Turn an uploaded image file into a 28x28 glyph the way the dataset was made.
+"""Turn an uploaded image file into a 28x28 glyph the way the dataset was made (docs/ARCHITECTURE.md).
 
-Torch-free on purpose: the serving image carries only Pillow and NumPy. The steps follow the dataset
-(Kuzushiji-49 / KMNIST: grayscale, white strokes on black, the character cropped to its ink, centred on
-a square and scaled so its longer side fills the frame):
-
-1. check the byte size, read only the header and check the pixel count (decompression bombs), then
-   decode the first frame of an animation and apply the EXIF orientation;
-2. any mode (1, L, P, LA, PA, RGB, RGBA, CMYK, YCbCr, I;16, I, F) to grayscale 0..255; transparent
-   pixels are composited onto the background that contrasts with the drawn pixels, so both dark and
-   light strokes on a transparent canvas survive;
-3. polarity from the image itself: a bright border (paper, a scan, a drawing app) means dark ink,
-   so the image is inverted to white-on-black;
-4. an image that already is a dataset glyph (28x28) keeps its framing; anything else is cropped to
-   the ink's bounding box, padded to a centred square, scaled (antialiased) to the glyph box and
-   centred in the 28x28 frame.
+Torch-free so the serving image carries only Pillow and NumPy; every refusal says what to send instead.
 """
 
 from __future__ import annotations
@@ -66,6 +53,21 @@ class ImageLimits:
 def load_glyph(data: bytes, limits: ImageLimits) -> np.ndarray:
     """Decode an image file's bytes within ``limits`` into a ``uint8 (28, 28)`` white-on-black glyph."""
     return to_glyph(decode_gray(data, limits))
+
+
+def pixel_count(data: bytes) -> int:
+    """Width x height from the file's header alone (no decoding); 0 when the header cannot be read.
+
+    Decoding cost follows the pixels, not the compressed bytes: a 12 KB PNG can hold 16 Mpx.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
+                width, height = image.size
+    except Exception:  # any unreadable header: the decoder will name the problem
+        return 0
+    return max(width, 0) * max(height, 0)
 
 
 def decode_gray(data: bytes, limits: ImageLimits) -> np.ndarray:
@@ -164,17 +166,17 @@ def to_glyph(gray: np.ndarray) -> np.ndarray:
         raise ImageError(f"expected a non-empty 2-D grayscale image, got shape {gray.shape}")
     if _border_level(gray) > MID_GRAY:
         gray = BYTE_MAX - gray  # dark ink on light paper -> the dataset's white-on-black
-    if gray.shape == (GLYPH_SIDE, GLYPH_SIDE):
-        # Already a dataset glyph: its framing is the dataset's own, re-cropping would only resample it.
-        return np.clip(np.rint(gray), 0, BYTE_MAX).astype(np.uint8)
     background = _border_level(gray)
-    gray = np.clip(gray - background, 0.0, None)  # paper texture / scanner gray -> black
-    peak = float(gray.max())
-    if peak < MIN_CONTRAST:
+    if float(gray.max()) - background < MIN_CONTRAST:  # checked before the 28x28 shortcut: blank at any size
         raise ImageError(
             "the image has no visible strokes (it is blank or a single flat colour): "
             "send an image of one handwritten character"
         )
+    if gray.shape == (GLYPH_SIDE, GLYPH_SIDE):
+        # Already a dataset glyph: its framing is the dataset's own, re-cropping would only resample it.
+        return np.clip(np.rint(gray), 0, BYTE_MAX).astype(np.uint8)
+    gray = np.clip(gray - background, 0.0, None)  # paper texture / scanner gray -> black
+    peak = float(gray.max())
     gray = gray * (BYTE_MAX / peak)  # strongest stroke -> 255, like the dataset's ink
     rows, cols = np.nonzero(gray >= INK_FRACTION * BYTE_MAX)
     crop = gray[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
