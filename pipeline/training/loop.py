@@ -69,10 +69,18 @@ class Speed:
     compile: bool
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: the CPU multiplies bf16 natively (elsewhere bf16 is emulated, slower than fp32)."""
+    return any(getattr(torch.cpu, check, lambda: False)()
+               for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def resolve_speed(cfg: TrainSettings, device: torch.device) -> Speed:
-    """``train.amp``, ``train.channels_last`` and ``train.compile`` as they apply on ``device`` (CUDA only)."""
-    on_cuda = device.type == "cuda"
-    return Speed(cfg.amp and on_cuda, cfg.channels_last and on_cuda, cfg.compile and on_cuda)
+    """``train.amp``, ``train.channels_last`` and ``train.compile`` as they apply on ``device``: bf16 autocast
+    on CUDA and on CPUs with native bf16, channels-last on CUDA and CPU, compile on CUDA (benchmarks/TRAIN.md)."""
+    on_cuda, on_cpu = device.type == "cuda", device.type == "cpu"
+    return Speed(cfg.amp and (on_cuda or (on_cpu and cpu_has_native_bf16())),
+                 cfg.channels_last and (on_cuda or on_cpu), cfg.compile and on_cuda)
 
 
 def load_batch(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, augment: BatchAugment,
