@@ -6,8 +6,12 @@ same run, with the same functions ``fit`` calls (``load_batch``, ``train_step``,
 loading + augmentation <= 5% of the step time. On CUDA it also projects the seconds per K49 epoch.
 
     python -m benchmarks.train_throughput                 # device from params.yaml (auto), full profile
-    python -m benchmarks.train_throughput --compile       # CUDA: with torch.compile
+    python -m benchmarks.train_throughput --compile       # with torch.compile
     python -m benchmarks.train_throughput --steps 20 --out benchmarks/results/train_throughput_cuda.json
+    python -m benchmarks.train_throughput --device cpu --variants fp32 bf16 bf16+cl bf16+cl+t1 compile
+
+Without ``--variants`` the step runs as ``fit`` runs it (``loop.resolve_speed``); ``--variants`` times the
+full pipeline of each variant round-robin in one run, so a neighbour's load hits them alike.
 
 Data: K49-sized random uint8 images (232,365 x 28 x 28) and labels; the values do not change the cost.
 """
