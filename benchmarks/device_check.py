@@ -42,9 +42,9 @@ from pipeline.training.refit import model_epochs, refit
 PARAMS_NAME = "params.yaml"
 PROBE_STEPS = 20  # timed steps that size the run (after as many untimed ones): --probe-steps
 SAFETY = 1.25  # validation, evaluation and the per-epoch bookkeeping on top of the timed steps
-# The K49 `full` run that the measured rate projects: 30 trials x 10 epochs on <= 1,500 images a class
-# (K49's 49 classes, ~58,000 images after the cap), then 60 validated epochs on 90% and 60 refit on 100%.
-K49_TUNE_IMAGES = 30 * 10 * 58_000
+# The K49 `full` run that the measured rate projects: 30 trials x 10 epochs on <= 1,500 images a class (an
+# upper bound, 49 x 1,500; pruning ends trials sooner), then 60 validated epochs on 90% and 60 refit on 100%.
+K49_TUNE_IMAGES = 30 * 10 * 49 * 1_500
 K49_FULL_IMAGES = 60 * round(0.9 * K49_TRAIN_IMAGES) + 60 * K49_TRAIN_IMAGES
 
 
