@@ -39,7 +39,7 @@ else
   py=("$python" -m)
   device=cuda suffix=cuda limit=0
   throughput=(--steps 50 --warmup 10) variants=(bf16+cl bf16+cl+compile fp32)
-  recipe=(--budget-s 170 --plain-epochs 20)
+  recipe=(--budget-s 150 --plain-epochs 20)
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 fi
 failed=0
