@@ -121,3 +121,28 @@ stack-serve: $(STAMP) ## containerize the champion's bento as SERVICE_IMAGE and 
 	$(BIN)/bentoml containerize kuzushiji:latest --image-tag $(SERVICE_IMAGE) \
 	  $(if $(shell command -v podman),--backend podman)
 	KUZUSHIJI_SERVICE_IMAGE=$(SERVICE_IMAGE) $(COMPOSE) -p $(COMPOSE_PROJECT) --profile serve up -d service
+
+# The GPU check (benchmarks/gpu_check.sh, benchmarks/GPU.md) on the lent GPU machine, whose image has no pydantic
+# and cannot install from a registry: the wheels and the data travel in these ignored folders (`carry`).
+DEVICE_WHEELS := .whl
+DEVICE_DATA := .device/kmnist-60k
+SHARED_DATA ?= $(abspath $(CURDIR)/../shared/data)
+DEVICE_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
+.PHONY: device-wheels device-data device-dry-run
+
+device-wheels: $(STAMP) ## fetch the GPU check's wheels (benchmarks/device_wheels.txt, Python 3.12) into .whl/
+	rm -rf $(DEVICE_WHEELS) && mkdir -p $(DEVICE_WHEELS)
+	$(BIN)/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(foreach p,$(DEVICE_PLATFORMS),--platform $(p)) -d $(DEVICE_WHEELS) \
+	  $$(sed -e 's/#.*//' benchmarks/device_wheels.txt)
+	@ls $(DEVICE_WHEELS)
+
+device-data: $(STAMP) ## download + prepare ../shared/data/kmnist-60k for the GPU check into .device/ (~20 MB)
+	$(BIN)/python -m benchmarks.device_check prepare --source $(SHARED_DATA)/kmnist-60k --dest $(DEVICE_DATA)
+	@du -sh $(DEVICE_DATA)
+
+$(DEVICE_DATA)/params.yaml:
+	$(MAKE) device-data
+
+device-dry-run: $(STAMP) $(DEVICE_DATA)/params.yaml ## the GPU check on the CPU, tiny, imports as on the GPU image
+	PYTHON=$(BIN)/python DEVICE_DATA=$(DEVICE_DATA) bash benchmarks/gpu_check.sh --dry-run $${OUT:-/tmp/device-dry-run}

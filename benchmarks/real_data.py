@@ -38,7 +38,6 @@ from pipeline import data
 from pipeline.config import PROJECT_ROOT, load_settings, write_params
 from pipeline.contract import load_classmap, official_file_names
 from pipeline.model import SpinalVGG, count_parameters
-from pipeline.stages import download, evaluate, prepare, train, tune
 from pipeline.training.bundle import predict_logits, select_device
 from pipeline.transforms import BatchAugment
 
@@ -54,6 +53,8 @@ PLAIN_SEED = 0
 def pipeline_recipe(data_dir: Path, epochs: int, work: Path, device: str, changes: list[str]) -> dict[str, Any]:
     """The real stages on the ``full`` profile with tuning off and ``epochs`` epochs (plus Hydra ``changes``,
     e.g. ``train.lr=0.05``, to compare a recipe change side by side)."""
+    from pipeline.stages import download, evaluate, prepare, train, tune  # not imported by plain_loop's users
+
     settings = load_settings(write_params(work / "params.yaml", [
         "profile=full", "data.dataset=local", f"data.local_dir={data_dir.resolve()}", "tune.n_trials=0",
         f"train.epochs={epochs}", f"train.device={device}", *changes]))
@@ -85,14 +86,12 @@ def _official_split(data_dir: Path, prefix: str, split: str) -> tuple[np.ndarray
     return images, labels
 
 
-def plain_loop(data_dir: Path, prefix: str, epochs: int, augment_settings: Any, device: torch.device,
-               seed: int = PLAIN_SEED) -> dict[str, Any]:
+def plain_loop(train: data.LabeledImages, test: data.LabeledImages, num_classes: int, epochs: int,
+               augment_settings: Any, device: torch.device, seed: int = PLAIN_SEED) -> dict[str, Any]:
     """SpinalVGG, Adam + one-cycle to 3e-3, batch 64, rotation/translation; last epoch scored."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    x_train, y_train = _official_split(data_dir, prefix, "train")
-    x_test, y_test = _official_split(data_dir, prefix, "test")
-    num_classes = len(load_classmap(data_dir / official_file_names(prefix)["classmap"]))
+    (x_train, y_train), (x_test, y_test) = (train.images, train.labels), (test.images, test.labels)
     model = SpinalVGG(num_classes, pixel_mean=float(x_train.mean() / 255),
                       pixel_std=float(x_train.std() / 255)).to(device)
     augment = BatchAugment(augment_settings.model_copy(update={"erasing_prob": 0.0}), generator)
@@ -163,6 +162,7 @@ def main() -> None:
                         help="a change to the pipeline's recipe (Hydra override), repeatable")
     parser.add_argument("--seed", type=int, default=None,
                         help=f"one seed for both (default: the pipeline's `seed`, {PLAIN_SEED} for the plain loop)")
+    parser.add_argument("--skip-plain", action="store_true", help="only (a): e.g. a speed setting's accuracy")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "real_data_cpu.json")
     parser.add_argument("--summarize", type=Path, nargs="+", metavar="RESULT",
                         help="print the mean over these result files (one a seed) instead of training")
@@ -179,8 +179,13 @@ def main() -> None:
         recipe = pipeline_recipe(args.data, args.epochs, Path(scratch), device.type, [*seeded, *args.changes])
         settings = load_settings(Path(scratch) / "params.yaml")
         augment_settings = settings.augment
-    plain = plain_loop(args.data, prefix, args.epochs, augment_settings, device,
-                       PLAIN_SEED if args.seed is None else args.seed)
+    plain = None
+    if not args.skip_plain:
+        official_train, official_test = (data.LabeledImages(*_official_split(args.data, prefix, split))
+                                         for split in ("train", "test"))
+        num_classes = len(load_classmap(args.data / official_file_names(prefix)["classmap"]))
+        plain = plain_loop(official_train, official_test, num_classes, args.epochs, augment_settings, device,
+                           PLAIN_SEED if args.seed is None else args.seed)
     result = {
         "data": str(args.data),
         "epochs": args.epochs,
@@ -191,7 +196,7 @@ def main() -> None:
         "pipeline_full_recipe": recipe,
         "plain_loop": plain,
         "pipeline_minus_plain_points": round(
-            100 * (recipe["test_balanced_accuracy"] - plain["test_balanced_accuracy"]), 2),
+            100 * (recipe["test_balanced_accuracy"] - plain["test_balanced_accuracy"]), 2) if plain else None,
         "machine": {"cpu": cpu_model_name(), "cores": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__, "device": str(device),
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},

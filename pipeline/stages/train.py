@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import export, tracking
-from pipeline.config import Settings, TrainSettings, explicit_keys
+from pipeline.config import Settings, explicit_keys
 from pipeline.contract import (
     BEST_PARAMS_FILE,
     BUNDLE_FILE,
@@ -29,7 +29,7 @@ from pipeline.contract import (
     TrainRun,
     read_best_params,
 )
-from pipeline.data import CLASSMAP_NAME, LabeledImages
+from pipeline.data import CLASSMAP_NAME
 from pipeline.files import write_json
 from pipeline.model import count_parameters
 from pipeline.training.bundle import save_bundle
@@ -37,6 +37,7 @@ from pipeline.training.checkpoint import fingerprint
 from pipeline.training.inputs import TrainingInputs, load_training_inputs
 from pipeline.training.loop import fit
 from pipeline.training.records import EpochMetrics, TrainResult
+from pipeline.training.refit import model_epochs, refit
 from pipeline.training.report import plot_augmented_samples, plot_training_curves, write_history
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ def run(settings: Settings) -> dict[str, Any]:
                      inputs.pixel_std, callbacks=[_log_epoch("")], checkpoint_path=checkpoint)
         runs = [result]  # the validated run, then the refit when there is one: the last is exported
         if settings.train.refit:
-            runs.append(refit(settings, result, inputs))
+            runs.append(refit(settings, result, inputs, callbacks=[_log_epoch("refit_")],
+                              checkpoint_path=settings.path("checkpoints") / REFIT_CHECKPOINT_FILE))
         summary = _summary(settings, inputs, runs)
         outputs = _write_model(settings, inputs, runs[-1].model, _meta(settings, inputs, result,
                                                                         active.info.run_id))
@@ -172,31 +174,6 @@ def _write_reports(settings: Settings, inputs: TrainingInputs, runs: Sequence[Tr
                                            if key in ("val_balanced_accuracy", "val_accuracy")})
     tracking.log_files([history_path, metrics_path], "reports")
     tracking.log_files([curves, samples], "figures")
-
-
-def refit(settings: Settings, validated: TrainResult, inputs: TrainingInputs) -> TrainResult:
-    """Train on train + validation and keep the last epoch, so the shipped model learns from every image:
-    continuing the validated model (``refit_start: validated``, Goodfellow et al. 7.8, algorithm 7.3) or
-    from fresh weights (``scratch``, 7.2), for ``refit_epochs_fraction`` of the validated run's epochs."""
-    cfg = settings.train
-    epochs = cfg.refit_epochs(len(validated.history))
-    initial = validated.model.state_dict() if cfg.refit_start == "validated" else None
-    everything = LabeledImages(np.concatenate([inputs.train.images, inputs.val.images]),
-                               np.concatenate([inputs.train.labels, inputs.val.labels]))
-    log.info("refit: %d epochs on train + validation (%d images) from %s; the validated run's best was "
-             "epoch %d", epochs, len(everything.labels),
-             "its model" if initial is not None else "fresh weights", validated.best_epoch)
-
-    return fit(settings.with_overrides({"train.epochs": epochs}), everything, None, inputs.num_classes,
-               inputs.pixel_mean, inputs.pixel_std, callbacks=[_log_epoch("refit_")],
-               checkpoint_path=settings.path("checkpoints") / REFIT_CHECKPOINT_FILE, initial_weights=initial)
-
-
-def model_epochs(cfg: TrainSettings, validated: TrainResult, refits: Sequence[TrainResult]) -> int:
-    """Epochs behind the exported model: the refit's, after the validated run's best when it continued it."""
-    if not refits:
-        return validated.best_epoch
-    return refits[-1].best_epoch + (validated.best_epoch if cfg.refit_start == "validated" else 0)
 
 
 def _resumable_run(checkpoint: Path, marker: Path, run_fingerprint: str) -> str | None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.config import Settings
+from pipeline.config import Settings, TrainSettings
 from pipeline.contract import GLYPH_SIDE
 from pipeline.model import build_model, count_parameters
 from pipeline.training import checkpoint
@@ -58,6 +58,29 @@ def _check_split(data: Labeled, name: str, num_classes: int, minimum: int) -> No
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"{name} labels span [{labels.min()}, {labels.max()}] but num_classes is "
                          f"{num_classes}; the class map and the data disagree")
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How the step runs on this device: bf16 autocast, channels-last tensors, torch.compile."""
+
+    amp: bool
+    channels_last: bool
+    compile: bool
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: the CPU multiplies bf16 natively (elsewhere bf16 is emulated, slower than fp32)."""
+    return any(getattr(torch.cpu, check, lambda: False)()
+               for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def resolve_speed(cfg: TrainSettings, device: torch.device) -> Speed:
+    """``train.amp``, ``train.channels_last`` and ``train.compile`` as they apply on ``device``: bf16 autocast
+    on CUDA and on CPUs with native bf16, channels-last on CUDA and CPU, compile on CUDA (benchmarks/TRAIN.md)."""
+    on_cuda, on_cpu = device.type == "cuda", device.type == "cpu"
+    return Speed(cfg.amp and (on_cuda or (on_cpu and cpu_has_native_bf16())),
+                 cfg.channels_last and (on_cuda or on_cpu), cfg.compile and on_cuda)
 
 
 def load_batch(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, augment: BatchAugment,
@@ -107,8 +130,7 @@ class _Setup:
     per_batch: bool
     augment: BatchAugment
     device: torch.device
-    amp: bool
-    channels_last: bool
+    speed: Speed
     labels_cpu: torch.Tensor
     loss_weight: torch.Tensor | None
     sample_weights: torch.Tensor | None
@@ -118,7 +140,7 @@ def _setup(settings: Settings, train: Labeled, num_classes: int, pixel_mean: flo
            initial_weights: Mapping[str, torch.Tensor] | None) -> _Setup:
     cfg = settings.train
     device = select_device(cfg.device)
-    on_cuda = device.type == "cuda"
+    speed = resolve_speed(cfg, device)
     # One seed drives weight init and dropout (global RNG) and sampling + augmentation (generator).
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -126,7 +148,7 @@ def _setup(settings: Settings, train: Labeled, num_classes: int, pixel_mean: flo
     if initial_weights is not None:
         model.load_state_dict(initial_weights)
     model = model.to(device)
-    if cfg.channels_last and on_cuda:
+    if speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = make_weight_average(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     plan = plan_steps(cfg, len(train.labels))
@@ -137,7 +159,7 @@ def _setup(settings: Settings, train: Labeled, num_classes: int, pixel_mean: flo
     weights = class_weights(train.labels, num_classes)
     return _Setup(
         Trainable(model, ema, optimizer, scheduler, generator), plan, per_batch, augment, device,
-        cfg.amp and on_cuda, cfg.channels_last and on_cuda, labels_cpu,
+        speed, labels_cpu,
         weights.to(device) if cfg.class_balance == "weighted_loss" else None,
         weights[labels_cpu].double() if cfg.class_balance == "sampler" else None,
     )
@@ -146,7 +168,7 @@ def _setup(settings: Settings, train: Labeled, num_classes: int, pixel_mean: flo
 def _train_epoch(run: _Setup, step_model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
                  settings: Settings, epoch: int) -> tuple[float, float]:
     """One pass over the plan's steps: (mean training loss, learning rate at the epoch's last step)."""
-    cfg, state, plan = settings.train, run.state, run.plan
+    cfg, state, plan, speed = settings.train, run.state, run.plan, run.speed
     state.model.train()
     order = epoch_order(run.labels_cpu, run.sample_weights, state.generator)
     loss_sum = torch.zeros((), device=run.device)
@@ -154,8 +176,8 @@ def _train_epoch(run: _Setup, step_model: nn.Module, x_train: torch.Tensor, y_tr
                disable=not sys.stderr.isatty())
     for step in range(plan.steps_per_epoch):
         index = order[step * plan.batch_size:(step + 1) * plan.batch_size].to(run.device, non_blocking=True)
-        x, y = load_batch(x_train, y_train, index, run.augment, run.channels_last)
-        loss = train_step(step_model, x, y, state.optimizer, run.loss_weight, cfg.label_smoothing, run.amp)
+        x, y = load_batch(x_train, y_train, index, run.augment, speed.channels_last)
+        loss = train_step(step_model, x, y, state.optimizer, run.loss_weight, cfg.label_smoothing, speed.amp)
         if run.per_batch:
             state.scheduler.step()
         if state.ema is not None:
@@ -220,8 +242,7 @@ def fit(
         log.info("resumed from %s after epoch %d", checkpoint_path, progress.epoch)
     x_train, y_train = _on_device(train, run.device)
     x_val, y_val = _on_device(val, run.device) if val is not None else (None, None)
-    on_cuda = run.device.type == "cuda"
-    step_model = cast(nn.Module, torch.compile(state.model)) if cfg.compile and on_cuda else state.model
+    step_model = cast(nn.Module, torch.compile(state.model)) if run.speed.compile else state.model
     eval_model = state.ema.module if state.ema is not None else state.model
     log.info("training SpinalVGG (%d parameters) on %s: %d train / %d val images; batch %d, peak lr %.3g, "
              "%d steps/epoch, %d warm-up steps", count_parameters(state.model), run.device, len(y_train),
@@ -232,8 +253,8 @@ def fit(
         train_loss, lr = _train_epoch(run, step_model, x_train, y_train, settings, epoch)
         scores: tuple[float | None, float | None, float | None] = (None, None, None)
         if x_val is not None and y_val is not None:
-            scores = validate(eval_model, x_val, y_val, num_classes, cfg.eval_batch_size, run.amp,
-                              run.channels_last)
+            scores = validate(eval_model, x_val, y_val, num_classes, cfg.eval_batch_size, run.speed.amp,
+                              run.speed.channels_last)
         metrics = EpochMetrics(epoch, train_loss, *scores, lr, time.perf_counter() - started)
         if not math.isfinite(metrics.train_loss):
             raise TrainingDiverged(f"training loss is {metrics.train_loss} in epoch {epoch} (train.lr="
