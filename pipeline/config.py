@@ -3,15 +3,60 @@ params.yaml, validated by pydantic so a bad key fails before anything runs. No t
 
 from __future__ import annotations
 
-import difflib
-import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError
+
+from pipeline.schema import (  # the sections, re-exported: pipeline.config is the one entry point
+    AugmentSettings as AugmentSettings,
+)
+from pipeline.schema import (
+    ConfigError as ConfigError,
+)
+from pipeline.schema import (
+    DataSettings as DataSettings,
+)
+from pipeline.schema import (
+    DownloadSettings as DownloadSettings,
+)
+from pipeline.schema import (
+    EvaluateSettings as EvaluateSettings,
+)
+from pipeline.schema import (
+    MlflowSettings as MlflowSettings,
+)
+from pipeline.schema import (
+    ModelSettings as ModelSettings,
+)
+from pipeline.schema import (
+    Paths as Paths,
+)
+from pipeline.schema import (
+    RegistrySettings as RegistrySettings,
+)
+from pipeline.schema import (
+    SearchDimension as SearchDimension,
+)
+from pipeline.schema import (
+    ServeSettings as ServeSettings,
+)
+from pipeline.schema import (
+    SyntheticSettings as SyntheticSettings,
+)
+from pipeline.schema import (
+    TrainSettings as TrainSettings,
+)
+from pipeline.schema import (
+    TuneSettings as TuneSettings,
+)
+from pipeline.schema import (
+    _Section,
+    suggest,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"
@@ -23,214 +68,6 @@ CONF_DIR = "conf"
 CONF_NAME = "config"
 CONFIG_GROUPS = frozenset({"profile"})
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
-
-
-class ConfigError(ValueError):
-    """params.yaml (or an override) is invalid; the message names the key and what is expected."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Paths(_Section):
-    raw: Path
-    downloads: Path
-    prepared: Path
-    models: Path
-    reports: Path
-    checkpoints: Path
-    optuna: Path
-    mlflow: Path
-
-
-class DownloadSettings(_Section):
-    timeout_s: PositiveFloat
-    retries: NonNegInt
-    backoff_s: Annotated[float, Field(ge=0)]
-
-
-class SyntheticSettings(_Section):
-    train_per_class: PositiveInt
-    test_per_class: PositiveInt
-    seed: int
-
-
-class DataSettings(_Section):
-    dataset: Literal["k49", "kmnist", "local", "synthetic"]
-    base_url: str | None
-    local_dir: Path | None
-    local_prefix: str | None  # None: the prefix of the one *_classmap.csv in local_dir
-    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]
-    download: DownloadSettings
-    synthetic: SyntheticSettings
-
-    @model_validator(mode="after")
-    def _local_needs_dir(self) -> DataSettings:
-        if self.dataset == "local" and self.local_dir is None:
-            prefix = self.local_prefix or "<prefix>"
-            raise ValueError(
-                "data.dataset is 'local' but data.local_dir is not set: point it at a folder holding "
-                f"{prefix}-train-imgs.npz, ... and {prefix}_classmap.csv"
-            )
-        return self
-
-
-class ModelSettings(_Section):
-    spinal_width: PositiveInt
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)]
-
-
-class AugmentSettings(_Section):
-    rotation_deg: Annotated[float, Field(ge=0.0, le=45.0)]
-    translate_frac: Annotated[float, Field(ge=0.0, le=0.3)]
-    erasing_prob: Fraction
-
-
-class TrainSettings(_Section):
-    epochs: PositiveInt
-    batch_size: PositiveInt
-    optimizer: Literal["sgd", "adamw"]
-    lr: PositiveFloat
-    momentum: Fraction
-    weight_decay: Annotated[float, Field(ge=0.0)]
-    schedule: Literal["onecycle", "cosine", "step"]
-    min_steps_per_epoch: NonNegInt
-    min_batch_size: PositiveInt
-    warmup_fraction: Annotated[float, Field(ge=0.0, lt=1.0)]
-    step_every: PositiveInt
-    step_gamma: Annotated[float, Field(gt=0.0, le=1.0)]
-    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)]
-    class_balance: Literal["weighted_loss", "sampler", "none"]
-    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)]
-    patience: PositiveInt
-    refit: bool
-    refit_start: Literal["validated", "scratch"]
-    refit_epochs_fraction: Annotated[float, Field(gt=0.0, le=1.0)]
-    min_delta: Annotated[float, Field(ge=0.0)]
-    max_train_per_class: PositiveInt | None
-    max_val_per_class: PositiveInt | None
-    device: Literal["auto", "cuda", "mps", "cpu"]
-    amp: bool
-    channels_last: bool
-    compile: bool
-    eval_batch_size: PositiveInt
-
-    def refit_epochs(self, validated_epochs: int) -> int:
-        """The refit's length: ``refit_epochs_fraction`` of the validated run's epochs, rounded up."""
-        return max(1, math.ceil(self.refit_epochs_fraction * validated_epochs))
-
-
-class SearchDimension(_Section):
-    type: Literal["float", "int", "categorical"]
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    choices: list[Any] | None = None
-
-    @model_validator(mode="after")
-    def _complete(self) -> SearchDimension:
-        if self.type == "categorical":
-            if not self.choices:
-                raise ValueError("a categorical dimension needs a non-empty 'choices' list")
-        else:
-            if self.low is None or self.high is None or self.low >= self.high:
-                raise ValueError(f"a {self.type} dimension needs 'low' < 'high'")
-            if self.log and self.low <= 0:
-                raise ValueError("a log-scaled dimension needs 'low' > 0")
-        return self
-
-
-class TuneSettings(_Section):
-    n_trials: NonNegInt
-    timeout_s: PositiveFloat | None
-    epochs: PositiveInt
-    max_train_per_class: PositiveInt | None
-    max_val_per_class: PositiveInt | None
-    workers: PositiveInt
-    study_name: str
-    storage: str | None
-    pruner_startup_trials: NonNegInt
-    pruner_warmup_epochs: NonNegInt
-    heartbeat_s: PositiveInt
-    search_space: dict[str, SearchDimension]
-
-    @model_validator(mode="after")
-    def _tunable_keys(self) -> TuneSettings:
-        for key in self.search_space:
-            section, _, name = key.partition(".")
-            if section not in ("model", "augment", "train") or not name:
-                raise ValueError(
-                    f"tune.search_space key {key!r} must be 'model.X', 'augment.X' or 'train.X'"
-                )
-            fields = _SECTION_MODELS[section].model_fields
-            if name not in fields:
-                raise ValueError(
-                    f"tune.search_space key {key!r}: {section} has no setting {name!r}{_suggest(name, fields)}"
-                )
-        return self
-
-
-class EvaluateSettings(_Section):
-    batch_size: PositiveInt
-    tta: bool
-    tta_rotations_deg: list[float]
-    worst_examples: PositiveInt
-
-
-class RegistrySettings(_Section):
-    model_name: str
-    champion_alias: str
-    challenger_alias: str
-    rejected_alias: str
-    min_balanced_accuracy: Fraction | None  # None: halfway between chance (1/classes) and 1
-
-
-class MlflowSettings(_Section):
-    experiment: str
-
-
-SERVE_RENAMED = {"max_batch_size": "engine_max_batch", "max_batch_images": "max_images_per_request"}
-
-
-class ServeSettings(_Section):
-    bento_model: str
-    top_k: PositiveInt
-    max_upload_bytes: PositiveInt
-    max_pixels: PositiveInt
-    max_pixels_per_request: PositiveInt
-    max_images_per_request: PositiveInt
-    max_request_bytes: PositiveInt
-    engine_max_batch: PositiveInt
-    request_timeout_s: PositiveInt
-    worker_body_budget_bytes: PositiveInt
-    queue_timeout_s: PositiveFloat
-    body_idle_timeout_s: PositiveFloat
-    header_timeout_s: PositiveFloat
-    keepalive_timeout_s: PositiveInt
-    max_header_bytes: PositiveInt
-    max_headers: PositiveInt
-    threads: PositiveInt
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, values: Any) -> Any:
-        """Limits renamed by role: name the new key rather than report a bare 'unknown key'."""
-        renamed = [old for old in SERVE_RENAMED if isinstance(values, Mapping) and old in values]
-        if renamed:
-            raise ConfigError("; ".join(f"serve.{old} was renamed serve.{SERVE_RENAMED[old]}" for old in renamed))
-        return values
-
-
-_SECTION_MODELS: dict[str, type[_Section]] = {
-    "model": ModelSettings,
-    "augment": AugmentSettings,
-    "train": TrainSettings,
-}
 
 
 class Settings(_Section):
@@ -420,7 +257,7 @@ def _explain(exc: ValidationError, source: str) -> str:
         key = ".".join(str(part) for part in error["loc"])
         if error["type"] == "extra_forbidden":
             parent_loc, name = error["loc"][:-1], str(error["loc"][-1])
-            lines.append(f"  {key}: unknown key{_suggest(name, _known_fields(parent_loc))}")
+            lines.append(f"  {key}: unknown key{suggest(name, _known_fields(parent_loc))}")
         else:
             lines.append(f"  {key or '(top level)'}: {error['msg']} (got {error.get('input')!r})")
     return "\n".join(lines)
@@ -435,11 +272,6 @@ def _known_fields(loc: tuple[Any, ...]) -> list[str]:
             return []
         model = annotation
     return [name for name in model.model_fields if name != "root"]
-
-
-def _suggest(name: str, candidates: Any) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def write_params(path: Path, overrides: Mapping[str, Any] | Sequence[str] = ()) -> Path:

@@ -75,7 +75,6 @@ OFFICIAL_CLASSMAP_MD5 = {
 }
 
 
-
 @dataclass(frozen=True)
 class LabeledImages:
     """Images uint8 (N, 28, 28), white ink on black, with labels int64 (N,)."""
@@ -127,23 +126,6 @@ def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> Path:
             with archive.open(info, "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
     return Path(path)
-
-
-
-
-
-
-# ---------------------------------------------------------------------------------------------- download
-
-
-
-
-
-
-
-
-
-
 
 
 # -------------------------------------------------------------------------------------------- validation
@@ -277,13 +259,6 @@ def local_prefix(folder: Path, prefix: str | None) -> str:
             f"kmnist-train-imgs.npz ... kmnist{CLASSMAP_SUFFIX}"
         )
     return found[0].removesuffix(CLASSMAP_SUFFIX)
-
-
-# ------------------------------------------------------------------------------------------ download stage
-
-
-
-
 
 
 def read_manifest(settings: Settings) -> dict[str, Any]:
