@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import onnx
 import torch
 
 from pipeline.contract import ONNX_INPUT, ONNX_OUTPUT, onnx_session
+from pipeline.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +42,8 @@ def export_onnx(model: torch.nn.Module, path: Path, example: np.ndarray) -> Path
     example = _check_example(example)
     cpu_model = copy.deepcopy(model).to("cpu").eval()  # never move the caller's (GPU) model
     trace_input = _tile_to_min_batch(example)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
-        with torch.no_grad():
+        with atomic_path(path) as tmp, torch.no_grad():  # replaces ``path`` only once verified
             torch.onnx.export(
                 cpu_model,
                 (torch.from_numpy(trace_input),),
@@ -61,9 +56,8 @@ def export_onnx(model: torch.nn.Module, path: Path, example: np.ndarray) -> Path
                 verbose=False,
                 external_data=False,  # one self-contained file: the registry and BentoML copy it alone
             )
-        onnx.checker.check_model(str(tmp), full_check=True)
-        _verify(cpu_model, tmp, example)
-        os.replace(tmp, path)
+            onnx.checker.check_model(str(tmp), full_check=True)
+            _verify(cpu_model, tmp, example)
     except ExportError:
         raise
     except Exception as exc:
@@ -71,8 +65,6 @@ def export_onnx(model: torch.nn.Module, path: Path, example: np.ndarray) -> Path
             f"ONNX export to {path} failed: {type(exc).__name__}: {exc}. The model must take a float32 "
             "(N, 1, 28, 28) tensor and return (N, num_classes) logits with torch.export-compatible ops."
         ) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("exported ONNX model to %s (opset %d, verified atol %g)", path, ONNX_OPSET, VERIFY_ATOL)
     return path
 
