@@ -69,7 +69,7 @@ class Objective:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {metrics.epoch}: {OBJECTIVE} {value:.4f} below the median")
 
-        with tracking.start_run(self.settings, f"trial-{trial.number}", nested=True, tags=tags):
+        with tracking.start_run(self.settings, "tune", name=f"trial {trial.number}", nested=True, tags=tags):
             tracking.log_params(params)
             data = self.inputs
             try:
