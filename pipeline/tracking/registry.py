@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from pipeline.tracking.store import (
 log = logging.getLogger(__name__)
 
 EXTRA_FILES_DIR = "extra_files"  # where an MLflow model keeps the extra_files it was logged with
+LOGGED_MODEL_PREFIX = "models:/"  # a version's source in MLflow 3: the logged model it was registered from
 
 def version_by_alias(client: mlflow.MlflowClient, name: str, alias: str) -> Any | None:
     try:
@@ -69,7 +69,7 @@ def champion_artifacts(settings: Settings, dest_dir: Path) -> dict[str, Any]:
         raise TrackingError(f"{name} v{version.version} ({alias}) has status "
                             f"{version.tags.get(TAG_STATUS)!r}, not {STATUS_READY!r}: "
                             "re-run the register stage")
-    files = _download_serving_files(version, Path(dest_dir), uri)
+    files = _download_serving_files(client, version, Path(dest_dir), uri)
     missing = [str(path) for path in files.values() if not path.is_file()]
     if missing:
         raise TrackingError(f"{name} v{version.version}: run {version.run_id} lacks {', '.join(missing)}; "
@@ -79,30 +79,21 @@ def champion_artifacts(settings: Settings, dest_dir: Path) -> dict[str, Any]:
             "alias": alias, "metrics": metrics, "dataset": version.tags.get(TAG_DATASET)}
 
 
-def _download_serving_files(version: Any, dest_dir: Path, uri: str) -> dict[str, Path]:
+def _download_serving_files(client: mlflow.MlflowClient, version: Any, dest_dir: Path, uri: str) -> dict[str, Path]:
     """model.onnx, classmap.csv and meta.json of a version: its registered ONNX model (the class map and meta
     are the model's extra files), or for a version registered before that, the run's ``onnx/`` folder."""
     dest_dir.mkdir(parents=True, exist_ok=True)
-    with mlflow_registry_uri(uri):
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dest_dir / "m"),
+    source = str(version.source)
+    if source.startswith(LOGGED_MODEL_PREFIX):  # MLflow 3: models:/<model id>, resolved with this store
+        location = client.get_logged_model(source.removeprefix(LOGGED_MODEL_PREFIX)).artifact_location
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dest_dir / "model"),
                                                          tracking_uri=uri))
-    if (local / ONNX_FILE).is_file():
-        return {"onnx": local / ONNX_FILE, "classmap": local / EXTRA_FILES_DIR / CLASSMAP_FILE,
-                "meta": local / EXTRA_FILES_DIR / META_FILE}
+        if (local / ONNX_FILE).is_file():
+            return {"onnx": local / ONNX_FILE, "classmap": local / EXTRA_FILES_DIR / CLASSMAP_FILE,
+                    "meta": local / EXTRA_FILES_DIR / META_FILE}
     local = Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=ONNX_ARTIFACT,
                                                      dst_path=str(dest_dir / "run"), tracking_uri=uri))
     return {"onnx": local / ONNX_FILE, "classmap": local / CLASSMAP_FILE, "meta": local / META_FILE}
-
-
-@contextmanager
-def mlflow_registry_uri(uri: str) -> Iterator[None]:
-    """``models:/`` URIs resolve through the global registry URI: point it at ``uri`` for the call."""
-    before = mlflow.get_registry_uri()
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_registry_uri(before)
 
 
 class ModelRegistry:
