@@ -64,7 +64,7 @@ lock: ## re-pin requirements.lock from the current .venv
 	  $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > requirements.lock
 
 # The columns of `dvc exp show` that matter (regexes over column names; --keep wins over --drop).
-EXP_SHOW_KEEP ?= Experiment|Created|State|data\.dataset|profile|train\.lr|train\.epochs|test_balanced_accuracy|test_accuracy|best_val_balanced_accuracy
+EXP_SHOW_KEEP ?= Experiment|Created|test_balanced_accuracy|test_accuracy|profile|data\.dataset|train\.lr|train\.epochs|train\.batch_size
 
 exp-show: $(STAMP) ## the DVC experiments side by side, only the columns that matter (EXP_SHOW_KEEP=regex|...)
 	$(BIN)/dvc exp show --only-changed --drop '.*' --keep '$(EXP_SHOW_KEEP)' --no-pager
