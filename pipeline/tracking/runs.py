@@ -200,6 +200,7 @@ def log_onnx_model(onnx_path: Path, companions: Sequence[Path], batch: np.ndarra
             signature=infer_signature(batch, {ONNX_OUTPUT: logits}),
             input_example=batch,
             save_as_external_data=False,  # one self-contained model.onnx, as the service loads it
+            onnx_execution_providers=["CPUExecutionProvider"],  # as served (the image has no CUDA runtime)
             extra_files=[str(path) for path in staged],
             pip_requirements=[f"onnxruntime=={onnxruntime.__version__}", f"onnx=={onnx.__version__}",
                               f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"],
