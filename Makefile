@@ -27,7 +27,7 @@ POOL ?= kuzushiji-process
 WORKERS ?= 1
 PORT ?= 3000
 
-.PHONY: help venv run test lint lock mlflow-ui prefect-ui prefect-stop prefect-server worker deploy tune serve bento container
+.PHONY: help venv run test lint lock exp-show mlflow-ui prefect-ui prefect-stop prefect-server worker deploy tune serve bento container
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -43,17 +43,16 @@ $(STAMP): requirements.lock pyproject.toml
 venv: $(STAMP) ## create .venv and install the pinned lock
 
 # One Prefect API for every stage of the run: PREFECT_API_URL if set, else the server on PREFECT_PORT
-# (started here if none answers, and left running for its UI). Then a short summary instead of the
+# (started here if none answers, and left running for its UI). The `pipeline` flow then runs
+# `dvc exp run` (its flow run the parent of every stage's) and ends with a short summary instead of the
 # all-columns `dvc metrics show`.
 run: $(STAMP) ## the whole pipeline (DATASET=k49|kmnist|synthetic|local [LOCAL_DIR=..], PROFILE=full|cpu|quick)
 	@set -euo pipefail; \
 	profile=$$($(BIN)/python -m launcher choose-profile --dataset "$(DATASET)" --profile "$(PROFILE)"); \
 	api=$$($(BIN)/python -m launcher server start --port $(PREFECT_PORT)); \
 	set -x; \
-	PREFECT_API_URL="$$api" $(BIN)/dvc exp run -S data.dataset=$(DATASET) -S profile=$$profile \
-	  $(if $(LOCAL_DIR),-S data.local_dir=$(LOCAL_DIR)); \
-	{ set +x; } 2>/dev/null; \
-	$(BIN)/python -m launcher summary --prefect-api "$$api"
+	PREFECT_API_URL="$$api" $(BIN)/python -m flows flow pipeline --dataset $(DATASET) --profile $$profile \
+	  $(if $(LOCAL_DIR),--set data.local_dir=$(LOCAL_DIR))
 
 test: $(STAMP) ## the test suite, slow end-to-end tests included
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
@@ -66,8 +65,15 @@ lock: ## re-pin requirements.lock from the current .venv
 	{ echo "# Pinned lock of the full stack (Python 3.11, x86_64). Regenerate: make lock"; \
 	  $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > requirements.lock
 
-mlflow-ui: $(STAMP) ## MLflow UI on the embedded store (http://127.0.0.1:5000)
-	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/stores/mlflow/mlflow.db}" \
+# The columns of `dvc exp show` that matter (regexes over column names; --keep wins over --drop).
+EXP_SHOW_KEEP ?= Experiment|Created|test_balanced_accuracy|test_accuracy|profile|data\.dataset|train\.lr|train\.epochs|train\.batch_size
+
+exp-show: $(STAMP) ## the DVC experiments side by side, only the columns that matter (EXP_SHOW_KEEP=regex|...)
+	$(BIN)/dvc exp show --only-changed --drop '.*' --keep '$(EXP_SHOW_KEEP)' --no-pager
+
+mlflow-ui: $(STAMP) ## MLflow UI on the embedded store (http://127.0.0.1:5000; prints the experiment's page)
+	@echo "MLflow UI: open $$($(BIN)/python -m launcher summary --mlflow-url)  (the training view)"
+	$(BIN)/mlflow ui --workers 1 --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/stores/mlflow/mlflow.db}" \
 	  --host 127.0.0.1 --port 5000
 
 prefect-ui: $(STAMP) ## start (if needed) the project's Prefect server in the background and print its UI address

@@ -1,5 +1,6 @@
-"""The ``pipeline`` deployment flow: ``dvc exp run`` with the run's ``-S`` values (validated first, so a
-bad value changes nothing), so a deployment leaves the same record as ``make run``: dvc.lock and an experiment."""
+"""The ``pipeline`` flow (``make run`` and the deployment): ``dvc exp run`` with the run's ``-S`` values
+(validated first, so a bad value changes nothing; the profile chosen as ``make run`` chooses it), the stage
+flow runs beneath it, and the run summary as its artifact."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,14 @@ import yaml
 from prefect import flow, get_client, get_run_logger
 from prefect.runtime import flow_run
 
+from flows.artifacts import publish_summary
 from flows.stages import PARENT_RUN_ENV
+from launcher.summary import summary_lines
+from pipeline import profiles
 from pipeline.config import PROJECT_ROOT, apply_dotted, load_settings
 
 PARAMS_FILE = "params.yaml"
+NO_HASH_WARNING = "No file hash info found"  # DVC's checkout on a first `dvc exp run`: one per output
 
 
 class PipelineError(RuntimeError):
@@ -45,9 +51,22 @@ def validate_assignments(project_dir: Path, values: dict[str, Any]) -> None:
         load_settings(candidate)
 
 
+def _params_dataset(project_dir: Path) -> str:
+    raw = yaml.safe_load((project_dir / PARAMS_FILE).read_text(encoding="utf-8")) or {}
+    return str(raw.get("data", {}).get("dataset"))
+
+
+def choose_profile(project_dir: Path, dataset: str | None, profile: str | None) -> tuple[str, str]:
+    """(profile, why), as ``make run`` chooses (pipeline.profiles): a given one wins, else by dataset and GPU."""
+    dataset = dataset or _params_dataset(project_dir)
+    check_gpu = dataset != profiles.SMOKE_DATASET and profile in (None, profiles.GPU_PROFILE)
+    return profiles.choose_profile(dataset, profile, profiles.gpu_status() if check_gpu else (False, "not checked"))
+
+
 def _stream(command: list[str], cwd: Path, env: dict[str, str]) -> list[str]:
     logger = get_run_logger()
     lines: list[str] = []
+    unhashed = 0
     with subprocess.Popen(
         command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     ) as process:
@@ -55,6 +74,12 @@ def _stream(command: list[str], cwd: Path, env: dict[str, str]) -> list[str]:
         for line in process.stdout:
             line = line.rstrip()
             lines.append(line)
+            if NO_HASH_WARNING in line:  # one line for all of them, below
+                unhashed += 1
+                continue
+            if unhashed:
+                logger.info("DVC: %d outputs have no hash yet (first run in this clone): expected", unhashed)
+                unhashed = 0
             logger.info("%s", line)
     if process.returncode != 0:
         tail = "\n".join(lines[-40:])
@@ -66,19 +91,31 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def _name_this_run(dataset: str, profile: str) -> None:
+    """``synthetic · quick``: the flow run says what ran (the profile is known only once chosen)."""
+    if run_id := flow_run.get_id():
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_name(uuid.UUID(str(run_id)), f"{dataset} · {profile}")
+
+
 @flow(name="pipeline", log_prints=True)
 def pipeline(
     dataset: str | None = None,
     profile: str | None = None,
     set_params: dict[str, Any] | None = None,
     force: bool = False,
+    stream_to_log: bool = True,
 ) -> dict[str, Any]:
     """Run every stage that is out of date through ``dvc exp run`` and return the key results.
 
-    ``dataset`` (k49 | kmnist | local | synthetic) and ``profile`` (full | cpu | quick) set those params; more
-    ``set_params`` (dotted key -> value) are passed as extra ``-S``; ``force`` re-runs every stage.
+    ``dataset`` (k49 | kmnist | local | synthetic) and ``profile`` (full | cpu | quick; none: chosen like
+    ``make run``) set those params; more ``set_params`` (dotted key -> value) are passed as extra ``-S``;
+    ``force`` re-runs every stage. ``stream_to_log``: DVC's output goes to the run log (else to the terminal).
     """
     logger = get_run_logger()
+    profile, why = choose_profile(PROJECT_ROOT, dataset, profile)
+    logger.info("profile %s (%s)", profile, why)
+    _name_this_run(dataset or _params_dataset(PROJECT_ROOT), profile)
     values = dvc_set_args(dataset, profile, set_params)
     validate_assignments(PROJECT_ROOT, values)
     command = [sys.executable, "-m", "dvc", "exp", "run"]
@@ -96,12 +133,18 @@ def pipeline(
         "PREFECT_API_URL": str(get_client(sync_client=True).api_url).rstrip("/"),
     }
     logger.info("running %s in %s", " ".join(command), PROJECT_ROOT)
-    _stream(command, PROJECT_ROOT, env)
+    if stream_to_log:
+        _stream(command, PROJECT_ROOT, env)
+    elif (code := subprocess.run(command, cwd=PROJECT_ROOT, env=env, check=False).returncode) != 0:
+        raise PipelineError(f"`{' '.join(command)}` failed with exit code {code} (its output is above)")
     settings = load_settings(PROJECT_ROOT / PARAMS_FILE)
     reports = settings.path("reports")
+    summary = summary_lines(PROJECT_ROOT, prefect_ui=env["PREFECT_API_URL"].removesuffix("/api"))
+    publish_summary(summary)
     return {
         "params": values,
         "eval": _read_json(reports / "eval" / "metrics.json"),
         "registry": _read_json(reports / "registry.json"),
         "bento_model": _read_json(reports / "bento_model.json"),
+        "summary": summary,
     }

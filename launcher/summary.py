@@ -19,6 +19,10 @@ REGISTRY_REPORT = "registry.json"
 BENTO_REPORT = "bento_model.json"
 DEFAULT_PREFECT_UI = "http://127.0.0.1:4200"
 MLFLOW_UI = "http://127.0.0.1:5000"  # make mlflow-ui
+TRAIN_RUN = "train_run.json"  # under paths.models: the training run's experiment
+# MLflow 3.17's UI opens an experiment in the view of its global GenAI / Model training switch (GenAI until
+# a user flips it) whatever the experiment's mlflow.experimentKind tag says; this query parameter picks it.
+TRAINING_VIEW = "workflowType=machine_learning"
 SERVE_URL = "http://127.0.0.1:3000"  # make serve
 LABEL_WIDTH = 24
 
@@ -32,6 +36,16 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _line(label: str, text: str) -> str:
     return f"  {label:<{LABEL_WIDTH}}{text}"
+
+
+def mlflow_ui_url(project_dir: Path = PROJECT_ROOT, base: str = MLFLOW_UI) -> str:
+    """The experiment's page in MLflow's training view (from models/train_run.json; the experiment list
+    before the first training run)."""
+    params = yaml.safe_load((project_dir / PARAMS_FILE).read_text(encoding="utf-8")) or {}
+    record = _read_json(project_dir / params.get("paths", {}).get("models", "models") / TRAIN_RUN)
+    if record and record.get("experiment_id"):
+        return f"{base}/#/experiments/{record['experiment_id']}?{TRAINING_VIEW}"
+    return f"{base}/#/experiments?{TRAINING_VIEW}"
 
 
 def summary_lines(project_dir: Path = PROJECT_ROOT, prefect_ui: str = DEFAULT_PREFECT_UI) -> list[str]:
@@ -66,7 +80,7 @@ def summary_lines(project_dir: Path = PROJECT_ROOT, prefect_ui: str = DEFAULT_PR
     else:
         lines.append(_line("serve the champion", "nothing packaged yet (package has not run)"))
     lines += [
-        _line("runs, trials, registry", f"make mlflow-ui   -> {MLFLOW_UI}"),
+        _line("runs, trials, registry", f"make mlflow-ui   -> {mlflow_ui_url(project_dir)}"),
         _line("flow runs", f"make prefect-ui  -> {prefect_ui}"),
         _line("all metrics and plots", "dvc metrics show / dvc plots show"),
     ]
@@ -77,7 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launcher summary", description=__doc__.split("\n\n")[0])
     parser.add_argument("--prefect-api", default=None,
                         help="the Prefect API URL the run used (its UI is shown); default the local server")
+    parser.add_argument("--mlflow-url", action="store_true", help="print only the MLflow UI address to open")
     args = parser.parse_args(argv)
+    if args.mlflow_url:
+        print(mlflow_ui_url())
+        return 0
     ui = args.prefect_api.removesuffix("/").removesuffix("/api") if args.prefect_api else DEFAULT_PREFECT_UI
     print("\n".join(summary_lines(prefect_ui=ui)))
     return 0

@@ -56,14 +56,17 @@ def test_deployed_pipeline_runs_on_a_process_worker(prefect_api: str, tmp_path: 
     worker_log = tmp_path / "worker.log"
     with background_process([str(VENV_BIN / "prefect"), "worker", "start", "--pool", POOL], env=env,
                             cwd=tmp_path, log_path=worker_log):
-        out = _prefect(["deployment", "run", DEPLOYMENT, "-p", "dataset=synthetic", "-p", "profile=quick"],
-                       project, env)
+        # No profile given: chosen as `make run` chooses it (quick for the synthetic data).
+        out = _prefect(["deployment", "run", DEPLOYMENT, "-p", "dataset=synthetic"], project, env)
         flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
         run = _wait_for(prefect_api, flow_run_id, worker_log)
     assert run["state_type"] == "COMPLETED", (run["state"], worker_log.read_text(errors="replace")[-5000:])
+    assert run["name"] == "synthetic · quick"
 
-    # Each DVC stage ran as its own flow run, tagged with the deployment's run.
-    stages = flow_runs(prefect_api, "stage", tags={"all_": [f"pipeline-run:{flow_run_id}"]})
+    # Each DVC stage ran as its own flow run beneath the deployment's run, tagged with it.
+    stages = flow_runs(prefect_api, tags={"all_": [f"pipeline-run:{flow_run_id}"]})
+    beneath = flow_runs(prefect_api, parent_flow_run_id={"any_": [flow_run_id]})
+    assert {r["id"] for r in beneath} == {r["id"] for r in stages}
     assert sorted(r["name"] for r in stages) == sorted(
         ["download", "prepare", "tune", "train", "evaluate", "register", "package"])
     assert {r["state_type"] for r in stages} == {"COMPLETED"}

@@ -129,6 +129,27 @@ def test_the_summary_names_data_profile_score_model_and_next_steps(tmp_path: Pat
     assert max(len(line) for line in text.splitlines()) < 120  # readable in a terminal
 
 
+def test_the_summary_links_the_experiment_in_mlflows_training_view(tmp_path: Path) -> None:
+    _write_run(tmp_path)
+    assert run_summary.mlflow_ui_url(tmp_path).endswith("/#/experiments?workflowType=machine_learning")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "train_run.json").write_text(json.dumps({"run_id": "r", "experiment_id": "7"}))
+    url = "http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning"
+    assert run_summary.mlflow_ui_url(tmp_path) == url
+    assert f"make mlflow-ui   -> {url}" in "\n".join(run_summary.summary_lines(tmp_path))
+
+
+def test_a_deployment_without_a_profile_chooses_it_as_make_run_does(tmp_path: Path) -> None:
+    from flows import dvc_pipeline
+
+    _write_run(tmp_path)  # params.yaml: data.dataset synthetic
+    # No dataset given: params.yaml's (synthetic) decides, as `make run DATASET=synthetic` does.
+    assert dvc_pipeline.choose_profile(tmp_path, None, None) == profile_choice.choose_profile(
+        "synthetic", None, (False, "not checked"))
+    assert dvc_pipeline.choose_profile(tmp_path, None, None)[0] == "quick"
+    assert dvc_pipeline.choose_profile(tmp_path, "k49", "cpu")[0] == "cpu"  # a given profile wins
+
+
 def test_a_challenger_summary_says_which_version_is_served(tmp_path: Path) -> None:
     _write_run(tmp_path, decision="challenger")
     text = "\n".join(run_summary.summary_lines(tmp_path))

@@ -3,12 +3,21 @@ the domain package's logs; a failing stage leaves a failed flow run with the rea
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
-from tests.prefect_server import client_env, flow_runs, prefect_api, run_module, write_tiny_params  # noqa: F401
+from tests.prefect_server import (  # noqa: F401
+    client_env,
+    copy_project,
+    flow_runs,
+    prefect_api,
+    run_module,
+    write_tiny_params,
+)
 from tests.support import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
@@ -49,20 +58,62 @@ def test_stages_run_as_tagged_flow_runs_with_progress_logs(prefect_api: str, tmp
     assert (tmp_path / "project" / "reports" / "data" / "summary.json").is_file()
 
 
-def test_a_stage_without_prefect_api_url_runs_on_a_temporary_server_and_says_how_to_share_one(
-    tmp_path: Path,
-) -> None:
-    # A stage started by hand, outside `make run`, with no server configured: it still runs (on Prefect's
-    # temporary server of its own process) and says once how to send every stage to one server.
+def test_a_stage_without_prefect_api_url_reports_to_the_projects_one_server(prefect_api: str, tmp_path: Path) -> None:
+    # A stage started by hand or by `dvc repro`, with no server configured: it uses the project's one local
+    # server as `make run` does (here the session's, on its port), never a temporary server of its own.
     params = write_tiny_params(tmp_path / "project")
-    env = client_env("", tmp_path / "home", KUZUSHIJI_PARAMS=str(params))
+    port = prefect_api.rsplit(":", 1)[1].split("/")[0]
+    env = client_env("", tmp_path / "home", KUZUSHIJI_PARAMS=str(params), KUZUSHIJI_PREFECT_PORT=port)
     env.pop("PREFECT_API_URL")
+    before = {run["id"] for run in flow_runs(prefect_api, "download")}
     result = run_module(["flows", "download"], env, PROJECT_ROOT, STAGE_TIMEOUT_S)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    assert output.count("Starting temporary server") == 1
-    assert output.count("PREFECT_API_URL is not set") == 1 and "make prefect-ui" in output
+    assert "Starting temporary server" not in output
+    assert "Prefect: using the server already running" in output
+    (run,) = [run for run in flow_runs(prefect_api, "download") if run["id"] not in before]
+    assert run["state_type"] == "COMPLETED"
     assert (tmp_path / "project" / "data" / "raw" / "manifest.json").is_file()
+
+
+def _flow_name(api_url: str, flow_id: str) -> str:
+    return httpx.get(f"{api_url}/flows/{flow_id}", timeout=30).json()["name"]
+
+
+def test_a_pipeline_run_is_one_parent_flow_run_with_its_stages_beneath_and_a_summary(
+    prefect_api: str, tmp_path: Path
+) -> None:
+    # `make run`'s flow (python -m flows flow pipeline) on a copy whose dvc.yaml keeps its first two stages:
+    # DVC drives them, each is a flow run named after its stage, beneath the one pipeline flow run.
+    project = copy_project(tmp_path / "project")
+    dvc_yaml = project / "dvc.yaml"
+    pipeline = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))
+    pipeline["stages"] = {name: pipeline["stages"][name] for name in ("download", "prepare")}
+    pipeline.pop("plots", None)
+    dvc_yaml.write_text(yaml.safe_dump(pipeline, sort_keys=False), encoding="utf-8")
+    subprocess.run(["git", "-C", str(project), "commit", "-qam", "two stages"], check=True)
+    env = client_env(prefect_api, tmp_path / "home")
+    env.pop("KUZUSHIJI_PARAMS", None)
+    before = {run["id"] for run in flow_runs(prefect_api, "pipeline")}
+
+    result = run_module(["flows", "flow", "pipeline", "--dataset", "synthetic"], env, project, STAGE_TIMEOUT_S)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "profile quick (DATASET=synthetic" in output  # chosen as `make run` chooses, none given
+    assert "Run summary" in result.stdout and "dataset                 synthetic" in result.stdout
+    assert output.count("'No file hash info found'") == 1  # the first run's DVC warnings, said to be expected
+
+    (parent,) = [run for run in flow_runs(prefect_api, "pipeline") if run["id"] not in before]
+    assert parent["state_type"] == "COMPLETED" and parent["name"] == "synthetic · quick"
+    children = flow_runs(prefect_api, parent_flow_run_id={"any_": [parent["id"]]})
+    assert sorted((run["name"], _flow_name(prefect_api, run["flow_id"])) for run in children) == [
+        ("download", "download"), ("prepare", "prepare")]
+    assert {run["state_type"] for run in children} == {"COMPLETED"}
+    assert all(f"pipeline-run:{parent['id']}" in run["tags"] for run in children)
+    response = httpx.post(f"{prefect_api}/artifacts/filter",
+                          json={"artifacts": {"flow_run_id": {"any_": [parent["id"]]}}}, timeout=30)
+    (summary,) = [artifact for artifact in response.json() if artifact["key"] == "run-summary"]
+    assert summary["type"] == "markdown" and "Run summary" in summary["data"]
 
 
 def test_the_removed_grouped_flows_point_to_dvc(tmp_path: Path) -> None:

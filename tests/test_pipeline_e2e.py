@@ -59,9 +59,19 @@ def test_make_run_uses_one_prefect_server_and_ends_with_a_summary(tmp_path: Path
         # One server for the whole run, started once; no stage started a temporary one of its own.
         assert output.count("Prefect: started a server") == 1
         assert output.count(TEMPORARY_SERVER) == 0
-        runs = flow_runs(api, "stage")
+        # One parent flow run (the pipeline flow make run starts) with every stage's flow run beneath it,
+        # each flow named after its stage, and the run summary as the parent's artifact.
+        (parent,) = flow_runs(api, "pipeline")
+        assert parent["state_type"] == "COMPLETED" and parent["name"] == "synthetic · quick"
+        runs = flow_runs(api, parent_flow_run_id={"any_": [parent["id"]]})
         assert sorted(run["name"] for run in runs) == sorted(STAGES)
         assert {run["state_type"] for run in runs} == {"COMPLETED"}
+        assert sorted(httpx.get(f"{api}/flows/{run['flow_id']}").json()["name"] for run in runs) == sorted(STAGES)
+        artifacts = httpx.post(f"{api}/artifacts/filter", json={}).json()
+        keys = {artifact["key"] for artifact in artifacts}
+        assert {"run-summary", "tuning-leaderboard", "train-metrics", "test-metrics", "mlflow-run",
+                "registry-decision", "bento-model"} <= keys, keys
+        assert output.count("'No file hash info found'") == 1  # DVC's first-run warnings, said to be expected
 
         metrics = json.loads((project / "reports" / "eval" / "metrics.json").read_text())
         assert 0.0 <= metrics["test_balanced_accuracy"] <= 1.0
@@ -87,7 +97,7 @@ def test_make_run_uses_one_prefect_server_and_ends_with_a_summary(tmp_path: Path
         assert second.returncode == 0, output[-3000:]
         assert "Prefect: using the server already running" in output
         assert "Running stage" not in output and TEMPORARY_SERVER not in output
-        assert len(flow_runs(api, "stage")) == len(STAGES)  # nothing re-ran
+        assert len(flow_runs(api, tags={"all_": ["dvc"]})) == len(STAGES)  # nothing re-ran
 
         # A value from the command line wins over the profile, and the record says what ran.
         dvc_env = {**env, "PREFECT_API_URL": api, "PATH": f"{VENV_BIN}:{env['PATH']}"}

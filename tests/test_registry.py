@@ -122,7 +122,13 @@ def test_champion_moves_only_on_improvement(settings: Settings, trained_run: Tra
     assert version.tags["data.digest"]
     if tracking.git_commit(PROJECT_ROOT):
         assert len(version.tags["git_commit"]) == 40
-    assert version.description.startswith("champion: test_balanced_accuracy 0.850000 beats champion v1")
+    # The description says what the version is: decision, dataset, test metrics, data version, commit.
+    assert version.description.startswith("**champion**: test_balanced_accuracy 0.850000 beats champion v1")
+    assert "- dataset: synthetic" in version.description
+    assert "test_balanced_accuracy **0.8500**" in version.description
+    assert f"dataset digest `{version.tags['data.digest']}`" in version.description
+    assert MANIFEST["files"]["k49-test-imgs.npz"]["md5"] in version.description
+    assert f"- commit: `{version.tags.get('git_commit', 'not in a git checkout')}`" in version.description
     loser = client(cfg).get_model_version("ladder-synthetic", "2")
     assert loser.tags["decision"] == "challenger" and "0.700000" in loser.tags["decision_reason"]
 
@@ -136,6 +142,13 @@ def test_champion_moves_only_on_improvement(settings: Settings, trained_run: Tra
     for key in ("onnx", "classmap", "meta"):
         assert Path(served[key]).is_file() and Path(served[key]).stat().st_size > 0
     assert Path(served["onnx"]).read_bytes() == (cfg.root / "exported" / "model.onnx").read_bytes()
+    # The registered version is the served ONNX model: pyfunc on the champion alias runs ONNX Runtime.
+    registry_uri = tracking.tracking_uri(cfg)
+    mlflow.set_registry_uri(registry_uri)
+    champion_model = mlflow.pyfunc.load_model(f"models:/ladder-synthetic@{champion}")
+    assert champion_model.metadata.flavors.keys() >= {"onnx"}
+    logits = champion_model.predict(raw_pixels(2))["logits"]
+    assert logits.shape[0] == 2
 
 
 @pytest.mark.slow

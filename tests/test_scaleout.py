@@ -194,6 +194,29 @@ def test_connection_errors_name_the_setting_to_fix(
         postgres.drop_database(database)
 
 
+def test_psycopg2_urls_from_guides_work_and_one_database_for_both_tools_is_refused(
+    postgres: PostgresServer, databases: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The form most MLflow and Optuna guides show; the lock installs psycopg 3, not psycopg2.
+    optuna_url = postgres.url(databases["optuna"], "postgresql+psycopg2")
+    mlflow_url = postgres.url(databases["mlflow"], "postgresql+psycopg2")
+    settings = load_settings(write_tiny_params(tmp_path, {"tune.storage": optuna_url}))
+    optuna.create_study(study_name="guide-url", storage=open_storage(settings))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
+    experiment_id = tracking.configure(settings)
+    assert _client(postgres.url(databases["mlflow"])).get_experiment(experiment_id).name == settings.mlflow.experiment
+    assert optuna.get_all_study_names(open_storage(settings)) == ["guide-url"]
+
+    # MLflow's database as the study's too: refused before either tool touches it, saying what to do.
+    shared = settings.with_overrides({"tune.storage": postgres.url(databases["mlflow"])})
+    with pytest.raises(TuneError, match="each need a database of their own") as tune_error:
+        open_storage(shared)
+    with pytest.raises(tracking.TrackingError, match="each need a database of their own") as mlflow_error:
+        tracking.configure(shared)
+    for error in (tune_error, mlflow_error):
+        assert databases["mlflow"] in str(error.value) and postgres.password not in str(error.value)
+
+
 def test_a_tracking_server_that_is_down_is_named_in_the_error(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in ONE_HTTP_ATTEMPT.items():

@@ -113,7 +113,7 @@ def test_failing_run_ends_failed_with_reason(settings: Settings) -> None:
 
 def test_resume_keeps_stage_tag_and_nested_runs_end(settings: Settings) -> None:
     with tracking.start_run(settings, "train") as first:
-        with tracking.start_run(settings, "trial-0", nested=True) as child:
+        with tracking.start_run(settings, "tune", name="trial 0", nested=True) as child:
             mlflow.log_metric("trial_value", 0.3)
     with tracking.start_run(settings, "evaluate", run_id=first.info.run_id):
         mlflow.log_metric("test_accuracy", 0.9)
@@ -162,7 +162,7 @@ def test_manifest_dataset_records_source_checksums_and_splits(settings: Settings
 
 
 @pytest.mark.slow
-def test_log_model_stores_pytorch_and_onnx_files(settings: Settings, tmp_path: Path) -> None:
+def test_log_model_stores_pytorch_and_the_served_onnx_model(settings: Settings, tmp_path: Path) -> None:
     model = small_model()
     example = raw_pixels(1)  # batch 1 on purpose: pt2 needs > 1 to keep the batch axis dynamic
     onnx_path = export_onnx(model, tmp_path / "exported.onnx", example)
@@ -170,18 +170,26 @@ def test_log_model_stores_pytorch_and_onnx_files(settings: Settings, tmp_path: P
     (tmp_path / "meta.json").write_text(json.dumps({"num_classes": NUM_CLASSES}), encoding="utf-8")
     with tracking.start_run(settings, "train") as active:
         model_uri = tracking.log_model(model, onnx_path, example, tmp_path)
-    runs = client(settings)
-    files = sorted(a.path for a in runs.list_artifacts(active.info.run_id, tracking.ONNX_ARTIFACT))
-    assert files == ["onnx/classmap.csv", "onnx/meta.json", "onnx/model.onnx"]
-    loaded = mlflow.pyfunc.load_model(model_uri)
-    batch = raw_pixels(3, seed=5)
-    predicted = np.asarray(loaded.predict(batch))
-    assert predicted.shape == (3, NUM_CLASSES)
     import torch
 
+    batch = raw_pixels(3, seed=5)
     with torch.no_grad():
         expected = model(torch.from_numpy(batch)).numpy()
-    np.testing.assert_allclose(predicted, expected, atol=1e-5)
+    # The returned (and registered) model is the ONNX export: ONNX flavor, signature, input example.
+    served = mlflow.models.get_model_info(model_uri)
+    assert set(served.flavors) == {"onnx", "python_function"}
+    assert served.signature is not None and served.saved_input_example_info is not None
+    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "served")))
+    assert sorted(p.name for p in (local / "extra_files").iterdir()) == ["classmap.csv", "meta.json"]
+    assert (local / "model.onnx").read_bytes() == onnx_path.read_bytes()  # one self-contained file
+    predicted = mlflow.pyfunc.load_model(model_uri).predict(batch)["logits"]
+    np.testing.assert_allclose(predicted, expected, atol=1e-4)
+    # The PyTorch model is logged too, under `model`.
+    (pytorch,) = [m for m in mlflow.search_logged_models(experiment_ids=[active.info.experiment_id],
+                                                         output_format="list")
+                  if m.source_run_id == active.info.run_id and m.name == tracking.MODEL_ARTIFACT]
+    loaded = mlflow.pyfunc.load_model(pytorch.model_uri)
+    np.testing.assert_allclose(np.asarray(loaded.predict(batch)), expected, atol=1e-5)
 
 
 def test_log_model_requires_the_serving_files(settings: Settings, tmp_path: Path) -> None:
@@ -189,3 +197,45 @@ def test_log_model_requires_the_serving_files(settings: Settings, tmp_path: Path
     onnx_path.write_bytes(b"x")
     with pytest.raises(tracking.TrackingError, match="meta.json"):
         tracking.log_model(small_model(), onnx_path, raw_pixels(2), tmp_path)
+
+
+def test_experiment_opens_in_the_training_view_and_runs_say_what_they_are(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DVC_EXP_NAME", "sunny-kana")
+    experiment_id = tracking.configure(settings)
+    kind = client(settings).get_experiment(experiment_id).tags[tracking.TAG_EXPERIMENT_KIND]
+    assert kind == tracking.EXPERIMENT_KIND == "custom_model_development"  # MLflow 3's model-training view
+    with tracking.start_run(settings, "train") as active:
+        pass
+    run = client(settings).get_run(active.info.run_id)
+    commit = tracking.git_commit(PROJECT_ROOT)
+    expected = ["train", settings.data.dataset, "quick", "sunny-kana", *([commit[:7]] if commit else [])]
+    assert run.info.run_name == " · ".join(expected)
+    assert run.data.tags[tracking.TAG_SOURCE_NAME] == "train"  # the Source column, not __main__.py
+    assert run.data.tags[tracking.TAG_DVC_EXP] == "sunny-kana"
+    if commit:
+        assert run.data.tags[tracking.TAG_MLFLOW_GIT_COMMIT] == commit
+
+
+def test_an_experiment_made_before_the_kind_tag_gets_it(settings: Settings) -> None:
+    experiment_id = tracking.configure(settings)
+    client(settings).delete_experiment_tag(experiment_id, tracking.TAG_EXPERIMENT_KIND)
+    tracking.configure(settings)
+    assert client(settings).get_experiment(experiment_id).tags[tracking.TAG_EXPERIMENT_KIND] == tracking.EXPERIMENT_KIND
+
+
+def test_a_psycopg2_tracking_uri_from_a_guide_uses_the_pinned_driver(settings: Settings,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tracking.TRACKING_URI_ENV, "postgresql+psycopg2://mlflow@db.internal:5432/mlflow")
+    assert tracking.tracking_uri(settings) == "postgresql+psycopg://mlflow@db.internal:5432/mlflow"
+
+
+def test_mlflow_and_optuna_in_one_database_are_refused_before_connecting(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No server answers at db.invalid: the refusal comes before any connection attempt.
+    monkeypatch.setenv(tracking.TRACKING_URI_ENV, "postgresql://mlflow@db.invalid/shared")
+    shared = settings.with_overrides({"tune.storage": "postgresql+psycopg2://optuna@db.invalid:5432/shared"})
+    with pytest.raises(tracking.TrackingError, match="each need a database of their own"):
+        tracking.configure(shared)

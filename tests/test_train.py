@@ -361,11 +361,16 @@ def test_train_stage_writes_outputs_and_tracks_the_run(make_settings, monkeypatc
     assert [m.step for m in client.get_metric_history(run.info.run_id, "refit_train_loss")] == [1, 2]
     assert "refit_val_balanced_accuracy" not in run.data.metrics  # the refit has nothing held out
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"onnx", "reports", "figures"} <= artifacts
-    # MLflow 3 keeps the PyTorch model as a LoggedModel linked to the run, not as a run artifact.
+    assert {"reports", "figures"} <= artifacts
+    # MLflow 3 keeps models as LoggedModels linked to the run, not as run artifacts: the served ONNX export
+    # (the one the registry registers, result["model_uri"]) and the PyTorch model.
     assert result["model_uri"].startswith("models:/")
     logged = mlflow.get_logged_model(result["model_uri"].removeprefix("models:/"))
-    assert logged.source_run_id == run.info.run_id
+    assert logged.source_run_id == run.info.run_id and logged.name == "onnx"
+    names = {m.name for m in mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+             if m.source_run_id == run.info.run_id}
+    assert names == {"onnx", "model"}
+    assert run.info.run_name.startswith("train · ") and run.data.tags["mlflow.source.name"] == "train"
     # A finished stage leaves no checkpoint behind: the next run trains afresh.
     assert not (settings.path("checkpoints") / training.CHECKPOINT_FILE).exists()
     assert not (settings.path("checkpoints") / training.REFIT_CHECKPOINT_FILE).exists()

@@ -238,7 +238,7 @@ def test_a_failing_trial_is_recorded_failed_and_the_study_goes_on(
 
     def fit_that_runs_out_of_memory_in_one_trial(*args: Any, callbacks: Any = (), **kwargs: Any) -> Any:
         # Real training; the chosen trial hits what a too-large batch does on a GPU, after its first epoch.
-        if mlflow.active_run().info.run_name == f"trial-{failing}":
+        if mlflow.active_run().info.run_name == f"trial {failing}":
             def out_of_memory(metrics: Any) -> None:
                 raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
             callbacks = (*callbacks, out_of_memory)

@@ -31,6 +31,9 @@ TAG_DECISION = "decision"
 TAG_REASON = "decision_reason"
 TAG_DATA_DIGEST = "data.digest"
 TAG_MD5_PREFIX = "data.md5."
+TAG_DVC_DATA = "data.dvc_md5"  # DVC's hash of the download stage's output (paths.raw) in dvc.lock
+DVC_LOCK = "dvc.lock"
+DOWNLOAD_STAGE = "download"
 DECISION_CHAMPION = "champion"
 DECISION_CHALLENGER = "challenger"
 DECISION_REJECTED = "rejected"
@@ -80,7 +83,7 @@ def run(settings: Settings) -> dict[str, Any]:
         decision, reason = decide(metrics[HEADLINE_METRIC], base_tags[tracking.TAG_DATASET], number,
                                   previous, settings.registry.champion_alias, floor)
         registry.tag(number, {**base_tags, TAG_DECISION: decision, TAG_REASON: reason},
-                     description=f"{decision}: {reason}")
+                     description=describe_version(decision, reason, base_tags, metrics))
         champion_version = _move_aliases(registry, settings, decision, number, previous)
         report = {
             "model_name": registry.name, "version": number, "run_id": run_id, "decision": decision,
@@ -108,12 +111,14 @@ def run(settings: Settings) -> dict[str, Any]:
 
 
 def _version_tags(settings: Settings, train_run: Any, metrics: dict[str, float]) -> dict[str, str]:
-    """Test metrics, dataset, data checksums and the training commit: what every version carries."""
+    """Test metrics, dataset, data checksums and DVC hash, and the training commit: what every version carries."""
     tags = {
         **{key: _fmt(value) for key, value in metrics.items()},
         tracking.TAG_DATASET: train_run.data.tags.get(tracking.TAG_DATASET, settings.data.dataset),
         **_data_tags(settings, train_run),
     }
+    if dvc_hash := dvc_data_hash(settings):
+        tags[TAG_DVC_DATA] = dvc_hash
     commit = train_run.data.tags.get(tracking.TAG_GIT_COMMIT)
     if commit:
         tags[tracking.TAG_GIT_COMMIT] = commit
@@ -191,6 +196,33 @@ def _data_tags(settings: Settings, train_run: Any) -> dict[str, str]:
 
     manifest = data.read_manifest(settings)  # raises a DataError that says to run the download stage
     return {f"{TAG_MD5_PREFIX}{file}": info["md5"] for file, info in manifest.get("files", {}).items()}
+
+
+def dvc_data_hash(settings: Settings) -> str | None:
+    """DVC's md5 of the raw data folder as dvc.lock records it (None before the first ``dvc repro``)."""
+    import yaml
+
+    try:
+        lock = yaml.safe_load((settings.root / DVC_LOCK).read_text(encoding="utf-8")) or {}
+        outs = lock["stages"][DOWNLOAD_STAGE]["outs"]
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    return next((str(out["md5"]) for out in outs if isinstance(out, dict) and out.get("md5")), None)
+
+
+def describe_version(decision: str, reason: str, tags: dict[str, str], metrics: dict[str, float]) -> str:
+    """The version's description in the registry UI (Markdown): decision, dataset, test metrics, the data
+    version and the commit, so a version says what it is without opening its run."""
+    scores = ", ".join(f"{key} **{value:.4f}**" for key, value in metrics.items())
+    files = ", ".join(f"`{key.removeprefix(TAG_MD5_PREFIX)}` {value}" for key, value in sorted(tags.items())
+                      if key.startswith(TAG_MD5_PREFIX))
+    data = [f"DVC md5 of the raw data `{tags[TAG_DVC_DATA]}`" if TAG_DVC_DATA in tags else None,
+            f"dataset digest `{tags[TAG_DATA_DIGEST]}`" if TAG_DATA_DIGEST in tags else None,
+            f"files: {files}" if files else None]
+    lines = [f"**{decision}**: {reason}", "", f"- dataset: {tags.get(tracking.TAG_DATASET)}",
+             f"- test: {scores}", f"- data version: {'; '.join(part for part in data if part) or 'unknown'}",
+             f"- commit: `{tags.get(tracking.TAG_GIT_COMMIT) or 'not in a git checkout'}`"]
+    return "\n".join(lines)
 
 
 def _metric_of(version: Any | None) -> float | None:

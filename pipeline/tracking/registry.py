@@ -25,7 +25,6 @@ from pipeline.contract import (
 )
 from pipeline.tracking.store import (
     FAILURE_TAG_MAX_CHARS,
-    MODEL_ARTIFACT,
     ONNX_ARTIFACT,
     TAG_DATASET,
     TAG_FAILURE,
@@ -35,6 +34,9 @@ from pipeline.tracking.store import (
 )
 
 log = logging.getLogger(__name__)
+
+EXTRA_FILES_DIR = "extra_files"  # where an MLflow model keeps the extra_files it was logged with
+LOGGED_MODEL_PREFIX = "models:/"  # a version's source in MLflow 3: the logged model it was registered from
 
 def version_by_alias(client: mlflow.MlflowClient, name: str, alias: str) -> Any | None:
     try:
@@ -67,20 +69,31 @@ def champion_artifacts(settings: Settings, dest_dir: Path) -> dict[str, Any]:
         raise TrackingError(f"{name} v{version.version} ({alias}) has status "
                             f"{version.tags.get(TAG_STATUS)!r}, not {STATUS_READY!r}: "
                             "re-run the register stage")
-    dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    local = Path(mlflow.artifacts.download_artifacts(
-        run_id=version.run_id, artifact_path=ONNX_ARTIFACT, dst_path=str(dest_dir),
-        tracking_uri=uri))
-    files = {"onnx": local / ONNX_FILE, "classmap": local / CLASSMAP_FILE,
-             "meta": local / META_FILE}
+    files = _download_serving_files(client, version, Path(dest_dir), uri)
     missing = [str(path) for path in files.values() if not path.is_file()]
     if missing:
         raise TrackingError(f"{name} v{version.version}: run {version.run_id} lacks {', '.join(missing)}; "
-                            "re-run the train stage so it logs the ONNX files")
+                            "re-run the train stage so it logs the ONNX model")
     metrics = {key: value for key in TEST_METRICS if (value := metric_value(version.tags.get(key))) is not None}
     return {**files, "model_name": name, "version": str(version.version), "run_id": version.run_id,
             "alias": alias, "metrics": metrics, "dataset": version.tags.get(TAG_DATASET)}
+
+
+def _download_serving_files(client: mlflow.MlflowClient, version: Any, dest_dir: Path, uri: str) -> dict[str, Path]:
+    """model.onnx, classmap.csv and meta.json of a version: its registered ONNX model (the class map and meta
+    are the model's extra files), or for a version registered before that, the run's ``onnx/`` folder."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    source = str(version.source)
+    if source.startswith(LOGGED_MODEL_PREFIX):  # MLflow 3: models:/<model id>, resolved with this store
+        location = client.get_logged_model(source.removeprefix(LOGGED_MODEL_PREFIX)).artifact_location
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dest_dir / "model"),
+                                                         tracking_uri=uri))
+        if (local / ONNX_FILE).is_file():
+            return {"onnx": local / ONNX_FILE, "classmap": local / EXTRA_FILES_DIR / CLASSMAP_FILE,
+                    "meta": local / EXTRA_FILES_DIR / META_FILE}
+    local = Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=ONNX_ARTIFACT,
+                                                     dst_path=str(dest_dir / "run"), tracking_uri=uri))
+    return {"onnx": local / ONNX_FILE, "classmap": local / CLASSMAP_FILE, "meta": local / META_FILE}
 
 
 class ModelRegistry:
@@ -121,7 +134,8 @@ class ModelRegistry:
         query = f"name = '{self.name}' and run_id = '{run_id}'"
         before = {str(v.version) for v in self.client.search_model_versions(query)}
         try:
-            return mlflow.register_model(f"runs:/{run_id}/{MODEL_ARTIFACT}", self.name, tags=tags)
+            # The served ONNX model (MLflow 3 resolves runs:/<run>/<name> to the run's logged model).
+            return mlflow.register_model(f"runs:/{run_id}/{ONNX_ARTIFACT}", self.name, tags=tags)
         except BaseException as exc:
             try:
                 created = [v for v in self.client.search_model_versions(query) if str(v.version) not in before]

@@ -27,7 +27,7 @@ from pipeline.config import Settings
 from pipeline.contract import (
     CLASSMAP_FILE,
     META_FILE,
-    ONNX_FILE,
+    ONNX_OUTPUT,
 )
 from pipeline.tracking.store import (
     DATASET_DIGEST_CHARS,
@@ -140,13 +140,14 @@ def log_files(paths: Iterable[Path], artifact_path: str) -> None:
 
 
 def log_model(model: Any, onnx_path: Path, example: np.ndarray, artifacts_dir: Path) -> str:
-    """Log the PyTorch model under ``model`` and the serving files under ``onnx``; return the model URI.
+    """Log the PyTorch model as MLflow model ``model`` and the served ONNX export as MLflow model ``onnx``
+    (ONNX flavor, signature, input example; ``classmap.csv`` and ``meta.json`` as its extra files: everything
+    serving needs). Return the ONNX model's URI, the one the registry registers.
 
     The PyTorch model is stored in MLflow's ``pt2`` format (``torch.export``): no pickle, so it loads
     without ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION`` and without importing this project's classes. pt2
     traces with the example and specialises a batch of 1 to a constant, so the example is tiled to a
-    batch of at least 2 to keep the batch axis dynamic. ``onnx/`` holds ``model.onnx`` plus
-    ``classmap.csv`` and ``meta.json`` from ``artifacts_dir``: everything serving needs.
+    batch of at least 2 to keep the batch axis dynamic.
     """
     import mlflow.pytorch
     import torch
@@ -165,7 +166,7 @@ def log_model(model: Any, onnx_path: Path, example: np.ndarray, artifacts_dir: P
     cpu_model = copy.deepcopy(model).to("cpu").eval()
     with torch.no_grad():
         logits = cpu_model(torch.from_numpy(batch)).float().numpy()
-    info = mlflow.pytorch.log_model(
+    torch_info = mlflow.pytorch.log_model(
         cpu_model,
         name=MODEL_ARTIFACT,
         signature=infer_signature(batch, logits),
@@ -175,17 +176,36 @@ def log_model(model: Any, onnx_path: Path, example: np.ndarray, artifacts_dir: P
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
                           f"numpy=={np.__version__}"],
     )
-    with tempfile.TemporaryDirectory() as staging:
-        # Stage under the fixed names serving expects, whatever the local file names are.
-        folder = Path(staging)
-        shutil.copyfile(onnx_path, folder / ONNX_FILE)
-        for path in companions:
-            shutil.copyfile(path, folder / path.name)
-        mlflow.log_artifacts(str(folder), artifact_path=ONNX_ARTIFACT)
-    log.info("logged model %s and %s/ (%s, %s, %s)", info.model_uri, ONNX_ARTIFACT, ONNX_FILE,
+    onnx_info = log_onnx_model(onnx_path, companions, batch, logits)
+    log.info("logged models %s (PyTorch) and %s (ONNX with %s, %s)", torch_info.model_uri, onnx_info,
              CLASSMAP_FILE, META_FILE)
-    return info.model_uri
+    return onnx_info
 
+
+def log_onnx_model(onnx_path: Path, companions: Sequence[Path], batch: np.ndarray, logits: np.ndarray) -> str:
+    """The served ONNX file as MLflow model ``onnx``: pyfunc predicts ``{"logits": ...}`` with ONNX Runtime."""
+    import mlflow.onnx
+    import onnx
+    import onnxruntime
+
+    with tempfile.TemporaryDirectory() as staging:
+        # Extra files keep their names: stage them under the fixed names serving expects.
+        staged = []
+        for path in companions:
+            staged.append(Path(staging) / path.name)
+            shutil.copyfile(path, staged[-1])
+        info = mlflow.onnx.log_model(
+            onnx.load(str(onnx_path)),
+            name=ONNX_ARTIFACT,
+            signature=infer_signature(batch, {ONNX_OUTPUT: logits}),
+            input_example=batch,
+            save_as_external_data=False,  # one self-contained model.onnx, as the service loads it
+            onnx_execution_providers=["CPUExecutionProvider"],  # as served (the image has no CUDA runtime)
+            extra_files=[str(path) for path in staged],
+            pip_requirements=[f"onnxruntime=={onnxruntime.__version__}", f"onnx=={onnx.__version__}",
+                              f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}"],
+        )
+    return str(info.model_uri)
 
 
 def log_params(params: Mapping[str, Any]) -> None:

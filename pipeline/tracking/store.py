@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from pipeline.config import PROJECT_ROOT, Settings
+from pipeline.databases import DatabaseUrlError, check_separate, with_pinned_driver
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,15 @@ TAG_PROFILE = "profile"
 TAG_GIT_COMMIT = "git_commit"
 TAG_MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_FAILURE = "failure_reason"
+TAG_DVC_EXP = "dvc_exp"
+TAG_SOURCE_NAME = "mlflow.source.name"  # MLflow's "Source" column: the stage, not `__main__.py`
+# The experiment kind MLflow 3's UI reads (else it infers one and may open the GenAI view first).
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# Set by `dvc exp run` for the stage processes: the experiment's name.
+DVC_EXP_NAME_ENV = "DVC_EXP_NAME"
+SHORT_COMMIT_CHARS = 7
+RUN_NAME_SEPARATOR = " · "
 FAILURE_TAG_MAX_CHARS = 5000  # MLflow tag values are limited (8000 chars); keep the head of the message
 # Digest length of the logged dataset (MLflow stores at most 36 characters).
 DATASET_DIGEST_CHARS = 16
@@ -63,7 +73,7 @@ def tracking_uri(settings: Settings) -> str:
     """``$MLFLOW_TRACKING_URI`` if the user set it, else ``sqlite:///<abs paths.mlflow>/mlflow.db``."""
     env = os.environ.get(TRACKING_URI_ENV, "").strip()
     if env and env != _uri_set_here:
-        return env
+        return with_pinned_driver(env)  # postgresql+psycopg2:// of the guides -> the pinned psycopg 3
     return f"sqlite:///{settings.path('mlflow').resolve() / DB_FILE}"
 
 
@@ -138,6 +148,10 @@ def configure(settings: Settings) -> str:
     user_set = bool(env) and env != _uri_set_here
     if not is_remote(uri):
         settings.path("mlflow").mkdir(parents=True, exist_ok=True)
+    try:
+        check_separate(uri, settings.tune.storage)
+    except DatabaseUrlError as exc:
+        raise TrackingError(str(exc)) from None
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -152,7 +166,8 @@ def configure(settings: Settings) -> str:
     if experiment is None:
         location = None if is_remote(uri) else (settings.path("mlflow").resolve() / ARTIFACTS_DIR).as_uri()
         try:
-            experiment_id = client.create_experiment(name, artifact_location=location)
+            experiment_id = client.create_experiment(name, artifact_location=location,
+                                                     tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
         except MlflowException as exc:
             # Another process (parallel tuning worker) created it first: use theirs.
             if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
@@ -169,6 +184,8 @@ def configure(settings: Settings) -> str:
         )
     else:
         experiment_id = experiment.experiment_id
+        if experiment.tags.get(TAG_EXPERIMENT_KIND) != EXPERIMENT_KIND:  # made before the tag existed
+            client.set_experiment_tag(experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
@@ -184,9 +201,18 @@ def git_commit(root: Path) -> str | None:
     return result.stdout.strip() or None
 
 
+def dvc_experiment() -> str | None:
+    """The name of the DVC experiment running this stage (``dvc exp run``), else None."""
+    return os.environ.get(DVC_EXP_NAME_ENV, "").strip() or None
+
+
 def default_tags(settings: Settings, stage: str) -> dict[str, str]:
-    """Tags every new run carries: stage, dataset, profile and (in a git checkout) the commit."""
-    tags = {TAG_STAGE: stage, TAG_DATASET: settings.data.dataset, TAG_PROFILE: settings.profile}
+    """Tags every new run carries: stage (also as MLflow's source name), dataset, profile, the DVC
+    experiment and (in a git checkout) the commit."""
+    tags = {TAG_STAGE: stage, TAG_SOURCE_NAME: stage, TAG_DATASET: settings.data.dataset,
+            TAG_PROFILE: settings.profile}
+    if experiment := dvc_experiment():
+        tags[TAG_DVC_EXP] = experiment
     commit = git_commit(PROJECT_ROOT)
     if commit:
         tags[TAG_GIT_COMMIT] = commit
@@ -194,28 +220,38 @@ def default_tags(settings: Settings, stage: str) -> dict[str, str]:
     return tags
 
 
+def run_label(settings: Settings, stage: str) -> str:
+    """A run name that says what the run is: ``train · k49 · full · exp-name · 1a2b3c4`` (the DVC
+    experiment and the short commit when there are ones)."""
+    commit = git_commit(PROJECT_ROOT)
+    parts = [stage, settings.data.dataset, settings.profile, dvc_experiment(),
+             commit[:SHORT_COMMIT_CHARS] if commit else None]
+    return RUN_NAME_SEPARATOR.join(part for part in parts if part)
+
+
 @contextmanager
 def start_run(
     settings: Settings,
-    run_name: str,
+    stage: str,
     *,
     run_id: str | None = None,
     nested: bool = False,
     tags: dict[str, str] | None = None,
+    name: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """Start a new run (or resume ``run_id``) in the configured experiment and always end it.
 
-    A new run is tagged with :func:`default_tags` (``run_name`` is the stage); a resumed run keeps its
-    tags and only gets ``tags``. If the body raises, the run ends ``FAILED`` (``KILLED`` on Ctrl-C) with
-    the reason in the ``failure_reason`` tag, and the exception propagates.
+    A new run is named ``name`` (default :func:`run_label`) and tagged with :func:`default_tags`; a resumed
+    run keeps its name and tags and only gets ``tags``. If the body raises, the run ends ``FAILED``
+    (``KILLED`` on Ctrl-C) with the reason in the ``failure_reason`` tag, and the exception propagates.
     """
     experiment_id = configure(settings)
-    run_tags = dict(tags or {}) if run_id else {**default_tags(settings, run_name), **(tags or {})}
+    run_tags = dict(tags or {}) if run_id else {**default_tags(settings, stage), **(tags or {})}
     try:
         active = mlflow.start_run(
             run_id=run_id,
             experiment_id=None if run_id else experiment_id,
-            run_name=None if run_id else run_name,
+            run_name=None if run_id else (name or run_label(settings, stage)),
             nested=nested,
             tags=run_tags or None,
         )

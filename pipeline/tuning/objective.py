@@ -53,7 +53,8 @@ class Objective:
 
         trial.set_user_attr(OWNER_ATTR, owner())
         params = {key: suggest(trial, key, dim) for key, dim in self.settings.tune.search_space.items()}
-        tags = {"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number)}
+        # Source: the tune stage; `stage` says trial, so `tags.stage = 'tune'` finds the study's parent run only.
+        tags = {"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number), tracking.TAG_STAGE: "trial"}
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id  # links runs made in worker processes too
         best = -math.inf
@@ -69,7 +70,7 @@ class Objective:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"epoch {metrics.epoch}: {OBJECTIVE} {value:.4f} below the median")
 
-        with tracking.start_run(self.settings, f"trial-{trial.number}", nested=True, tags=tags):
+        with tracking.start_run(self.settings, "tune", name=f"trial {trial.number}", nested=True, tags=tags):
             tracking.log_params(params)
             data = self.inputs
             try:

@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pipeline import tracking
 from pipeline.config import RECIPE_SECTIONS, Settings
 from pipeline.data import PREPARED_SPLITS
+from pipeline.databases import DatabaseUrlError, check_separate, with_pinned_driver
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,14 @@ def open_storage(settings: Settings) -> optuna.storages.BaseStorage:
     if settings.tune.storage:
         import sqlalchemy
 
+        url = with_pinned_driver(settings.tune.storage)  # postgresql+psycopg2:// of the guides -> psycopg 3
+        try:
+            check_separate(tracking.tracking_uri(settings), url)
+        except DatabaseUrlError as exc:
+            raise TuneError(str(exc)) from None
         try:
             return optuna.storages.RDBStorage(
-                settings.tune.storage,
+                url,
                 heartbeat_interval=settings.tune.heartbeat_s,
                 # Trials of dead workers on any machine are failed once their heartbeat is this old ...
                 grace_period=2 * settings.tune.heartbeat_s,
