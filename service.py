@@ -32,6 +32,7 @@ from pipeline.contract import (
     ONNX_OUTPUT,
     load_classmap,
     onnx_session,
+    recorded_bento_tag,
     softmax,
 )
 from serving import protocol
@@ -41,14 +42,18 @@ from serving.edge import KnownRoutes, LastResort, model_headers, use_own_prometh
 from serving.errors import RequestRejected
 from serving.intake import Intake
 from serving.limits import ByteBudget, RequestLimits
+from serving.model_choice import served_tag
+from serving.openapi import OpenApiInfo, service_info
 from serving.requests import ParsedRequest, parse_top_k, top_classes
 from serving.schemas import TOP_K_DOC, BatchPrediction, Prediction
 
-MODEL_ENV = "KUZUSHIJI_BENTO_MODEL"  # pin a model tag (name:version); default: the store's latest
+MODEL_ENV = "KUZUSHIJI_BENTO_MODEL"  # pin a model tag (name:version)
 # BentoML reads the service's options and its model when the class is defined, so these come from
 # params.yaml at import; the model itself, the class map and the limits load in Kuzushiji.__init__.
-_DEFINITION = load_settings().serve
-MODEL_TAG = os.environ.get(MODEL_ENV) or f"{_DEFINITION.bento_model}:latest"
+_SETTINGS = load_settings()
+_DEFINITION = _SETTINGS.serve
+MODEL_TAG, MODEL_SOURCE = served_tag(os.environ.get(MODEL_ENV), recorded_bento_tag(_SETTINGS.path("reports")),
+                                     _DEFINITION.bento_model)
 MODEL_HEADERS = ("x-model-version", "x-bento-model")
 HOT_ROUTES = {"/predict": "predict", "/predict_batch": "predict_batch", "/glyph": "glyph"}  # POST path -> API
 PAGE_DIR = Path(__file__).resolve().parent / "page"
@@ -109,6 +114,7 @@ def _model_info(stored: Any) -> dict[str, Any]:
     meta = dict(stored.info.metadata)
     return {
         "bento_model": str(stored.tag),
+        "model_source": MODEL_SOURCE,
         "registry_model": meta.get("registry_model"),
         "registry_version": str(meta.get("registry_version", stored.tag.version)),
         "dataset": meta.get("dataset"),
@@ -293,4 +299,6 @@ def _accepted(parsed: ParsedRequest | RequestRejected) -> ParsedRequest:
 
 # The first added is the outer one: a fault anywhere inside is answered before BentoML's timeout waits on it.
 Kuzushiji.add_asgi_middleware(LastResort)  # type: ignore[attr-defined]  # a bentoml.Service at run time
+Kuzushiji.add_asgi_middleware(  # type: ignore[attr-defined]
+    OpenApiInfo, info=lambda: service_info(_model_info(bentoml.models.get(MODEL_TAG))))
 Kuzushiji.add_asgi_middleware(ServeHotRoutes)  # type: ignore[attr-defined]

@@ -222,3 +222,16 @@ HEADLINE_METRIC = "test_balanced_accuracy"  # K49's official metric; decides cha
 TEST_METRICS = ("test_balanced_accuracy", "test_accuracy", "test_macro_f1")
 TAG_STATUS = "status"
 STATUS_PENDING, STATUS_READY, STATUS_FAILED = "pending", "ready", "failed"
+
+
+BENTO_MODEL_REPORT = "bento_model.json"  # under paths.reports: the BentoML tag the package stage stored
+
+
+def recorded_bento_tag(reports_dir: Path) -> str | None:
+    """The BentoML model tag this checkout's package stage recorded, or None before the first package."""
+    path = Path(reports_dir) / BENTO_MODEL_REPORT
+    try:
+        tag = json.loads(path.read_text(encoding="utf-8")).get("tag")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return tag if isinstance(tag, str) and tag else None

@@ -8,6 +8,7 @@ HTTP to it, hostile requests included (each must get its JSON answer within a fe
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -302,3 +303,19 @@ def test_the_metrics_folder_is_the_servers_own(server):
     assert own and any(own[0].iterdir()), "the server keeps its metric files in a folder of its own"
     server["client"].post("/predict", files={"image": ("a.png", _png("い"), "image/png")})
     assert "kuzushiji_images_total" in server["client"].get("/metrics").text
+
+
+def test_openapi_info_is_the_services_own(server):
+    spec = server["client"].get("/docs.json").json()
+    info = spec["info"]
+    assert info["title"] == "Kuzushiji kana reader"
+    assert info["version"] != "None" and "v" in info["version"]
+    assert server["tag"] in info["description"] and "/version" in info["description"]
+    assert "contact" not in info and "Slack" not in json.dumps(info)
+    assert spec["paths"]["/predict"]  # the rest of BentoML's document is kept
+
+
+def test_version_says_which_model_and_why(server):
+    version = server["client"].get("/version").json()
+    assert version["bento_model"] == server["tag"]
+    assert version["model_source"]  # pinned, recorded by this checkout's package stage, or the latest

@@ -17,12 +17,12 @@ from typing import Any
 import bentoml
 
 from pipeline.config import Settings, load_settings
-from pipeline.contract import MODEL_FILES
+from pipeline.contract import BENTO_MODEL_REPORT, MODEL_FILES
 from pipeline.files import write_json
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "bento_model.json"  # under paths.reports (DVC out of the package stage)
+REPORT_FILE = BENTO_MODEL_REPORT  # under paths.reports (DVC out of the package stage)
 LABEL_REGISTRY_VERSION = "registry_version"
 LABEL_REGISTRY_MODEL = "registry_model"
 LABEL_RUN_ID = "run_id"
