@@ -19,13 +19,5 @@ function request()
   return raw
 end
 
-function done(summary, latency, requests)
-  local errors = summary.errors
-  io.write(string.format(
-    '{"requests": %d, "duration_us": %d, "bytes": %d, "connect_errors": %d, "read_errors": %d, ' ..
-    '"write_errors": %d, "non_2xx": %d, "timeouts": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, ' ..
-    '"max_us": %d, "mean_us": %.1f}\n',
-    summary.requests, summary.duration, summary.bytes, errors.connect, errors.read, errors.write,
-    errors.status, errors.timeout, latency:percentile(50), latency:percentile(90), latency:percentile(99),
-    latency.max, latency.mean))
-end
+-- benchmarks/wrk_report.lua, found next to this script whatever the working directory
+done = dofile((debug.getinfo(1, "S").source:sub(2):match("(.*/)") or "") .. "wrk_report.lua")
