@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-BENTOFILE = ROOT / "bentofile.yaml"
+from pipeline.config import PROJECT_ROOT
+
+BENTOFILE = PROJECT_ROOT / "bentofile.yaml"
 VERSION_LABEL = "registry_version"  # pipeline.stages.package.LABEL_REGISTRY_VERSION
 # Container and host run the same ONNX graph on the same glyph; only float reassociation may differ.
 PROB_ATOL = 1e-4
