@@ -4,7 +4,7 @@ Each configuration gets a fresh database on a throw-away PostgreSQL server (test
 binaries, a free loopback port) and runs the real tune stage, ``python -m pipeline.stages.tune --workers N``,
 with ``tune.storage: postgresql://...`` (password through PGPASSWORD) on the same tiny synthetic data.
 Pruning is off so every trial does the same work (``tune.epochs`` epochs on the same subset);
-``pipeline.tune`` gives each of N workers cores // N torch threads, as it always does.
+``pipeline.stages.tune`` gives each of N workers cores // N torch threads, as it always does.
 
 Reported per configuration: the wall time of the whole command (process start-up, data loading and the
 study's MLflow bookkeeping included) and the trial window (first trial start to last trial end, from
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-per-class", type=int, default=4)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per worker (OMP_NUM_THREADS); default: pipeline.tune's cores // N")
+                        help="torch threads per worker (OMP_NUM_THREADS); default: pipeline.stages.tune's cores // N")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary folder")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "tune_scaleout.json")
     args = parser.parse_args(argv)
