@@ -19,7 +19,7 @@ from pipeline.training import loop
 from pipeline.training.bundle import load_bundle, predict_logits, save_bundle, select_device
 from pipeline.training.checkpoint import fingerprint, load
 from pipeline.training.plan import class_weights, ema_decay_at, make_scheduler, make_weight_average, plan_steps
-from pipeline.training.records import TrainingDiverged
+from pipeline.training.records import EpochMetrics, TrainingDiverged
 
 NUM_CLASSES = 4
 PIXEL_MEAN, PIXEL_STD = 0.15, 0.3
@@ -452,3 +452,10 @@ def test_tuned_values_overlay_the_profile_but_not_the_command_line(tmp_path):
     best.write_text("train.lr: [unclosed\n")
     with pytest.raises(DataError, match="not valid YAML"):
         training.apply_tuned(settings)
+
+
+def test_each_epoch_line_says_how_long_the_rest_of_the_run_takes():
+    done = [EpochMetrics(1, 1.0, None, None, None, 0.1, 100.0), EpochMetrics(2, 0.9, None, None, None, 0.1, 140.0)]
+    assert loop._time_left(done, 12) == ", ~20 min left (10 epochs)"  # 10 x the 120 s mean
+    assert loop._time_left(done, 3) == ", ~2 min left (1 epoch)"
+    assert loop._time_left(done, 2) == ""

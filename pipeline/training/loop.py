@@ -209,6 +209,15 @@ def _select(progress: Progress, metrics: EpochMetrics, eval_model: nn.Module, se
     progress.stopped_early = progress.since_best >= cfg.patience and metrics.epoch < cfg.epochs
 
 
+def _time_left(history: Sequence[EpochMetrics], epochs: int) -> str:
+    """``, ~N min left`` for the epochs still to run at the mean epoch time so far (early stopping ends sooner)."""
+    left = epochs - history[-1].epoch
+    if left <= 0:
+        return ""
+    seconds = left * sum(m.seconds for m in history) / len(history)
+    return f", ~{max(1, round(seconds / 60))} min left ({left} epoch{'s' if left > 1 else ''})"
+
+
 def _on_device(data: Labeled, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.from_numpy(np.ascontiguousarray(data.images)).to(device)
     return images, torch.from_numpy(np.ascontiguousarray(data.labels, dtype=np.int64)).to(device)
@@ -261,8 +270,8 @@ def fit(
                                    f"{cfg.lr}, train.optimizer={cfg.optimizer}): lower train.lr or raise "
                                    "train.warmup_fraction")
         _select(progress, metrics, eval_model, settings)
-        log.info("epoch %d/%d  train_loss %.4f  %s  lr %.3g  %.1fs", epoch, cfg.epochs, metrics.train_loss,
-                 _val_summary(metrics), lr, metrics.seconds)
+        log.info("epoch %d/%d  train_loss %.4f  %s  lr %.3g  %.1fs%s", epoch, cfg.epochs, metrics.train_loss,
+                 _val_summary(metrics), lr, metrics.seconds, _time_left(progress.history, cfg.epochs))
         if checkpoint_path is not None:
             checkpoint.save(Path(checkpoint_path), run_fingerprint, progress, state)
         for callback in callbacks:
