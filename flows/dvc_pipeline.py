@@ -118,6 +118,8 @@ def pipeline(
     _name_this_run(dataset or _params_dataset(PROJECT_ROOT), profile)
     values = dvc_set_args(dataset, profile, set_params)
     validate_assignments(PROJECT_ROOT, values)
+    if note := profiles.run_time_note(load_settings(PROJECT_ROOT / PARAMS_FILE, overrides=values)):
+        logger.warning("%s", note)
     command = [sys.executable, "-m", "dvc", "exp", "run"]
     for key, value in values.items():
         command += ["-S", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]

@@ -25,6 +25,9 @@ CPU_IMAGES_PER_S_PER_CORE = 140.0
 # A validation image costs a forward pass only, about a third of a training step.
 VALIDATION_COST = 1 / 3
 STATS_FILE = "stats.json"  # the prepare stage's per-class counts (docs/ARCHITECTURE.md)
+# Train images per class of the official sets, for the estimate before anything is downloaded (K49's
+# classes hold 392-6,000: an even spread over-estimates a per-class-capped study a little).
+OFFICIAL_TRAIN_IMAGES = {"k49": (232_365, 49), "kmnist": (60_000, 10)}
 
 
 def gpu_status() -> tuple[bool, str]:
@@ -112,6 +115,10 @@ def trains_on_cpu(device_preference: str) -> bool:
     return not torch.cuda.is_available() and not torch.backends.mps.is_available()
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def cpu_time_note(stage: str, settings: Any) -> str | None:
     """One line for the start of the tune/train stage when it trains on a CPU: the estimated time and, for
     the GPU recipe, how to pick the CPU profile. None on a GPU (or before the data is prepared)."""
@@ -123,7 +130,7 @@ def cpu_time_note(stage: str, settings: Any) -> str | None:
         train_counts, val_counts = counts["train"], counts["val"]
     except (OSError, ValueError, KeyError, TypeError):
         return None  # no prepared data yet: the stage itself will say what is missing
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _cores()
     seconds = estimated_cpu_seconds(stage, settings, train_counts, val_counts, cores)
     rate = CPU_IMAGES_PER_S_PER_CORE * cores
     note = (f"{stage} on the CPU: up to about {readable_duration(seconds)} for profile {settings.profile} "
@@ -132,6 +139,46 @@ def cpu_time_note(stage: str, settings: Any) -> str | None:
         note += (f". Profile {GPU_PROFILE} is the GPU recipe: for a run sized for CPU cores stop here and use "
                  f"`make run PROFILE={CPU_PROFILE}` (or `dvc exp run -S profile={CPU_PROFILE}`)")
     return note
+
+
+def expected_train_counts(settings: Any) -> list[int] | None:
+    """Train images per class before the download stage has run: the labels file of a local folder, or the
+    official totals spread evenly. None for synthetic data (the smoke run: minutes)."""
+    data = settings.data
+    if data.dataset in OFFICIAL_TRAIN_IMAGES:
+        total, classes = OFFICIAL_TRAIN_IMAGES[data.dataset]
+        return [total // classes + (index < total % classes) for index in range(classes)]
+    if data.dataset != "local" or data.local_dir is None:
+        return None
+    from pipeline.contract import DataError
+    from pipeline.data import local_prefix, read_npz_array
+
+    folder = data.local_dir if data.local_dir.is_absolute() else settings.root / data.local_dir
+    try:
+        prefix = local_prefix(folder, data.local_prefix)
+        labels = read_npz_array(folder / f"{prefix}-train-labels.npz")
+    except DataError:
+        return None  # the download stage will say what is wrong with the folder
+    import numpy as np
+
+    return [int(count) for count in np.bincount(labels.astype(np.int64).ravel()) if count]
+
+
+def run_time_note(settings: Any) -> str | None:
+    """One line before a run starts: the tune and train stages' CPU estimate for the whole data set, or None
+    on a GPU or when the data's size is unknown."""
+    counts = expected_train_counts(settings)
+    if counts is None or not trains_on_cpu(settings.train.device):
+        return None
+    val = [math.ceil(settings.data.val_fraction * count) for count in counts]
+    train = [count - held for count, held in zip(counts, val, strict=True)]
+    cores = _cores()
+    tune = estimated_cpu_seconds("tune", settings, train, val, cores) if settings.tune.n_trials else 0.0
+    fit = estimated_cpu_seconds("train", settings, train, val, cores)
+    return (f"this run trains on the CPU: up to about {readable_duration(tune + fit)} for tune "
+            f"({readable_duration(tune) if tune else 'off'}) and train ({readable_duration(fit)}), profile "
+            f"{settings.profile}, {sum(counts):,} train images, at ~{CPU_IMAGES_PER_S_PER_CORE * cores:.0f} "
+            f"training images/s on {cores} core(s); downloading, evaluation and packaging add minutes")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

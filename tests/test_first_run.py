@@ -20,6 +20,8 @@ from pipeline import profiles as profile_choice
 from pipeline.config import TrainSettings, load_settings, write_params
 from tests.support import PROJECT_ROOT
 
+KMNIST_DEV = PROJECT_ROOT.parent / "shared" / "data" / "kmnist-dev"
+
 NO_GPU = (False, "no nvidia-smi on PATH")
 GPU = (True, "GPU 0: NVIDIA H100 found by nvidia-smi and torch")
 
@@ -104,6 +106,26 @@ def test_the_full_recipe_on_a_cpu_states_its_time_and_the_cpu_profile(tmp_path: 
     assert quick_note is not None and "PROFILE=cpu" not in quick_note
     assert profile_choice.cpu_time_note("train", _settings(tmp_path, "full", device="cuda")) is None
     assert profile_choice.cpu_time_note("train", _settings(tmp_path / "elsewhere", "full")) is None
+
+
+def test_a_run_states_its_whole_cpu_time_before_it_starts(tmp_path: Path) -> None:
+    def note(**values: str) -> str | None:
+        return profile_choice.run_time_note(load_settings(PROJECT_ROOT / "params.yaml", overrides=values))
+
+    # A local folder: its labels file gives the per-class counts (kmnist-dev: 6,011 train images).
+    dev = note(**{"data.dataset": "local", "data.local_dir": str(KMNIST_DEV), "profile": "cpu"})
+    assert dev is not None and "6,011 train images" in dev and "tune (" in dev and "train (" in dev
+    # Official sets before their download: the published totals.
+    kmnist = note(**{"data.dataset": "kmnist", "profile": "cpu"})
+    assert kmnist is not None and "60,000 train images" in kmnist and " min " in kmnist
+    k49_full = note(**{"data.dataset": "k49", "profile": "full"})
+    assert k49_full is not None and "232,365 train images" in k49_full and "days" in k49_full
+    untuned = note(**{"data.dataset": "kmnist", "profile": "cpu", "tune.n_trials": "0"})
+    assert untuned is not None and "tune (off)" in untuned
+    # Nothing to say: the smoke run, a GPU, a folder the download stage will reject.
+    assert note(**{"data.dataset": "synthetic", "profile": "quick"}) is None
+    assert note(**{"data.dataset": "kmnist", "profile": "cpu", "train.device": "cuda"}) is None
+    assert note(**{"data.dataset": "local", "data.local_dir": str(tmp_path), "profile": "cpu"}) is None
 
 
 def _write_run(project: Path, decision: str = "champion") -> None:
