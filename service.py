@@ -160,8 +160,10 @@ async def _version(_: Request) -> JSONResponse:
 
 async def _feedback(request: Request) -> Response:
     """POST /feedback: multipart ``image`` and ``label`` (its character or index), optional ``predicted``
-    and ``model_version``; 201 ``{"id": ...}`` (200 for the same image and label again)."""
+    and ``model_version``; 201 ``{"id": ...}`` (200 for the same image and label again). GET: the classes."""
     service = bentoml.get_current_service()
+    if request.method == "GET":
+        return service.feedback.classes(service.classmap)
     return await service.feedback.answer(request, service.classmap, service.batcher.run,
                                          service.model_info["registry_version"])
 
@@ -179,7 +181,7 @@ WEB_ROUTES = [
     Route("/", _page, methods=["GET"]),
     Route("/docs", _api_docs, methods=["GET"]),
     Route("/version", _version, methods=["GET"]),
-    Route("/feedback", _feedback, methods=["POST"]),
+    Route("/feedback", _feedback, methods=["GET", "POST"]),
     Mount("/page", StaticFiles(directory=PAGE_DIR), name="page"),
 ]
 

@@ -55,8 +55,14 @@ def _unknown_field(names: list[str]) -> RequestRejected:
                            f"{PREDICTED_FIELD!r} and {VERSION_FIELD!r}")
 
 
-def class_list(classmap: ClassMap) -> list[dict[str, Any]]:
-    return [{"index": i, "char": char} for i, char in enumerate(classmap.chars)]
+def class_list(classmap: ClassMap, detail: bool = False) -> list[dict[str, Any]]:
+    """The classes a label may name; ``detail`` adds the code point and, where the class map has them,
+    the readings (romaji), for a person picking the right class from a grid."""
+    if not detail:
+        return [{"index": i, "char": char} for i, char in enumerate(classmap.chars)]
+    readings = getattr(classmap, "readings", None) or ()
+    return [{"index": i, "char": char, "codepoint": classmap.codepoints[i],
+             **({"reading": readings[i]} if i < len(readings) else {})} for i, char in enumerate(classmap.chars)]
 
 
 def resolve_class(text: str, classmap: ClassMap, field: str) -> int:

@@ -19,7 +19,7 @@ from pipeline.contract import ClassMap
 from pipeline.feedback_store import Feedback, FeedbackStore, StoreUnavailable, store_url, upload_digest
 from serving.decoding import Decoder
 from serving.errors import RequestRejected
-from serving.feedback import RateLimiter, client_address, feedback_request, store_down
+from serving.feedback import RateLimiter, class_list, client_address, feedback_request, store_down
 from serving.intake import Intake, read_body
 from serving.limits import body_limit, declared_length
 
@@ -51,6 +51,11 @@ class FeedbackDesk:
         if self.store is None:
             self.store = FeedbackStore(self.url, self.timeout_s)
         return self.store.add(feedback)
+
+    @staticmethod
+    def classes(classmap: ClassMap) -> Response:
+        """GET /feedback: the classes a label may name (the page's grid of choices)."""
+        return JSONResponse({"classes": class_list(classmap, detail=True)})
 
     async def answer(self, request: Request, classmap: ClassMap, classify: Classify, model_version: str) -> Response:
         RECEIVED.inc()
