@@ -16,7 +16,7 @@ from tests.test_page import KO, LIMITS, _draw, _pad_png, _settled, browser, page
 pytestmark = pytest.mark.slow
 
 
-def test_a_wrong_reading_is_corrected_from_the_grid_of_classes(page, server):  # noqa: F811
+def test_a_wrong_reading_is_corrected_from_the_grid_of_classes(page, server):
     _draw(page, KO)
     _settled(page)
     page.wait_for_selector("#feedback:not([hidden])")
