@@ -1,7 +1,7 @@
 """The feedback store: corrections people send to the service, append-only, in SQLite (WAL) or PostgreSQL.
 
 Torch-free and Prefect-free: the service writes it, the collect stage and the review command read it.
-Rows are never updated or deleted (SQLite triggers refuse it); a review is a new row, the latest one wins.
+Rows are never updated or deleted (triggers refuse it); a review is a new row, the latest one wins.
 """
 
 from __future__ import annotations
@@ -52,12 +52,21 @@ reviews = sa.Table(
     sa.Column("reviewer", sa.String(TEXT_MAX)),
     sa.Column("reviewed_at", sa.Float, nullable=False),
 )
-# Append-only in the database itself, not only in this module.
+# Append-only in the database itself, not only in this module (SQLite; PostgreSQL below).
 _SQLITE_GUARDS = [
     f"CREATE TRIGGER IF NOT EXISTS {table}_no_{verb} BEFORE {verb.upper()} ON {table} "
     f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
     for table in ("feedback_items", "feedback_reviews") for verb in ("update", "delete")
 ]
+
+_POSTGRES_GUARDS = [
+    "CREATE OR REPLACE FUNCTION feedback_append_only() RETURNS trigger LANGUAGE plpgsql AS "
+    "$$ BEGIN RAISE EXCEPTION 'feedback rows are append-only'; END $$",
+    *(f"CREATE OR REPLACE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
+      "FOR EACH ROW EXECUTE FUNCTION feedback_append_only()" for table in ("feedback_items", "feedback_reviews")),
+]
+SCHEMA_LOCK = 2323  # PostgreSQL advisory lock: workers opening the store at once create the schema once
+SCHEMA_ATTEMPTS = 3  # SQLite: a worker that lost the race to create a table finds it there next time
 
 
 class StoreUnavailable(RuntimeError):
@@ -145,11 +154,23 @@ class FeedbackStore:
         if sqlite:
             sa.event.listen(self.engine, "connect", _on_sqlite_connect)
         with self._failures("open"):
-            metadata.create_all(self.engine)
-            if sqlite:
+            self._create_schema()
+
+    def _create_schema(self) -> None:
+        postgres = self.engine.dialect.name == "postgresql"
+        for attempt in range(SCHEMA_ATTEMPTS):
+            try:
                 with self.engine.begin() as connection:
-                    for statement in _SQLITE_GUARDS:
+                    if postgres:
+                        connection.execute(sa.select(sa.func.pg_advisory_xact_lock(SCHEMA_LOCK)))
+                    metadata.create_all(connection)
+                    for statement in _POSTGRES_GUARDS if postgres else _SQLITE_GUARDS:
                         connection.exec_driver_sql(statement)
+                return
+            except SQLAlchemyError:
+                if attempt == SCHEMA_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
 
     @contextmanager
     def _failures(self, action: str) -> Iterator[None]:

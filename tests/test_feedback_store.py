@@ -131,3 +131,28 @@ def test_new_since_counts_items_a_model_did_not_see():
     assert new_since(accepted, used_items=0, used_max_id=0) == 6
     assert new_since(accepted, used_items=3, used_max_id=3) == 3  # 5, 8, 9
     assert new_since(accepted, used_items=2, used_max_id=5) == 4  # 8, 9 and two of 1..5 accepted later
+
+
+@pytest.mark.slow
+def test_the_postgresql_store_behaves_the_same_and_is_append_only_too():
+    from tests.postgres import database_name, running_postgres
+
+    with running_postgres() as server:
+        name = server.create_database(database_name("feedback"))
+        try:
+            store = FeedbackStore(store_url(server.url(name), PROJECT_ROOT))
+            again = FeedbackStore(store_url(server.url(name), PROJECT_ROOT))  # a second worker: schema once
+            first = store.add(_item(0))
+            assert again.add(_item(0)) == (first[0], False) and store.add(_item(1))[1]
+            assert store.review([first[0]], ACCEPTED) == [first[0]]
+            assert [item.id for item in again.accepted("reviewed")] == [first[0]]
+            assert np.array_equal(again.list_items()[0].glyph, _item(0).glyph) and store.integrity() == "ok"
+            with store.engine.begin() as connection, pytest.raises(sa.exc.DatabaseError, match="append-only"):
+                connection.exec_driver_sql("DELETE FROM feedback_items")
+            assert len(store.list_items()) == 2
+            store.close()
+            again.close()
+        finally:
+            server.drop_database(name)
+    with pytest.raises(StoreUnavailable, match="cannot open"):  # the server is gone
+        FeedbackStore(store_url(server.url(name), PROJECT_ROOT), timeout_s=2)
