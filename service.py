@@ -40,6 +40,7 @@ from serving.batcher import MicroBatcher
 from serving.decoding import Decoder
 from serving.edge import KnownRoutes, LastResort, model_headers, use_own_prometheus_dir
 from serving.errors import RequestRejected
+from serving.feedback_desk import FeedbackDesk
 from serving.intake import Intake
 from serving.limits import ByteBudget, RequestLimits
 from serving.model_choice import served_tag
@@ -59,7 +60,7 @@ HOT_ROUTES = {"/predict": "predict", "/predict_batch": "predict_batch", "/glyph"
 PAGE_DIR = Path(__file__).resolve().parent / "page"
 KNOWN_ROUTES = KnownRoutes(
     exact=frozenset({*HOT_ROUTES, "/", "/docs", "/docs.json", "/schema.json", "/version", "/livez", "/healthz",
-                     "/readyz", "/metrics"}),
+                     "/readyz", "/metrics", "/feedback"}),
     prefixes=("/page/", "/static_content/"),
 )
 
@@ -157,6 +158,16 @@ async def _version(_: Request) -> JSONResponse:
     return JSONResponse(bentoml.get_current_service().model_info)
 
 
+async def _feedback(request: Request) -> Response:
+    """POST /feedback: multipart ``image`` and ``label`` (its character or index), optional ``predicted``
+    and ``model_version``; 201 ``{"id": ...}`` (200 for the same image and label again). GET: the classes."""
+    service = bentoml.get_current_service()
+    if request.method == "GET":
+        return service.feedback.classes(service.classmap)
+    return await service.feedback.answer(request, service.classmap, service.batcher.run,
+                                         service.model_info["registry_version"])
+
+
 async def _page(_: Request) -> FileResponse:
     return FileResponse(PAGE_DIR / "index.html")
 
@@ -170,6 +181,7 @@ WEB_ROUTES = [
     Route("/", _page, methods=["GET"]),
     Route("/docs", _api_docs, methods=["GET"]),
     Route("/version", _version, methods=["GET"]),
+    Route("/feedback", _feedback, methods=["GET", "POST"]),
     Mount("/page", StaticFiles(directory=PAGE_DIR), name="page"),
 ]
 
@@ -231,6 +243,8 @@ class Kuzushiji:
         engine = partial(_classify, session)
         engine(np.zeros((1, GLYPH_SIDE, GLYPH_SIDE), dtype=np.uint8))  # warm-up: allocate once, now
         self.batcher = MicroBatcher(engine, serve.engine_max_batch, on_batch=_ENGINE_BATCH.observe)
+        settings = load_settings()
+        self.feedback = FeedbackDesk(settings.feedback, settings.root, self.intake, self.decoder)
 
     @bentoml.api(route="/predict", input_spec=PredictInput)
     async def predict(self, image: Any, top_k: Any = None) -> Prediction:

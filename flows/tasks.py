@@ -30,6 +30,7 @@ class StageFunction:
 
 STAGE_FUNCTIONS: dict[str, StageFunction] = {
     "download": StageFunction("pipeline.stages.download:run", retried=True),
+    "collect": StageFunction("pipeline.stages.collect:run"),
     "prepare": StageFunction("pipeline.stages.prepare:run"),
     "tune": StageFunction("pipeline.stages.tune:run", takes_workers=True),
     # Tuned values (models/best_params.yaml) are the train stage's own input, applied inside its `run`.

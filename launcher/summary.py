@@ -17,6 +17,7 @@ PARAMS_FILE = "params.yaml"
 EVAL_METRICS = "eval/metrics.json"
 REGISTRY_REPORT = "registry.json"
 BENTO_REPORT = "bento_model.json"
+DATA_SUMMARY = "data/summary.json"  # the prepare stage's: n_feedback, the feedback items in the train split
 DEFAULT_PREFECT_UI = "http://127.0.0.1:4200"
 MLFLOW_UI = "http://127.0.0.1:5000"  # make mlflow-ui
 TRAIN_RUN = "train_run.json"  # under paths.models: the training run's experiment
@@ -58,6 +59,11 @@ def summary_lines(project_dir: Path = PROJECT_ROOT, prefect_ui: str = DEFAULT_PR
 
     lines = ["", "Run summary", _line("dataset", str(params.get("data", {}).get("dataset"))),
              _line("profile", str(params.get("profile")))]
+    data_summary = _read_json(reports / DATA_SUMMARY)
+    if data_summary and "n_feedback" in data_summary:
+        accept = params.get("feedback", {}).get("accept")
+        lines.append(_line("feedback in training", f"{data_summary['n_feedback']} items (feedback.accept={accept}; "
+                                                   "review: python -m pipeline.stages.collect review)"))
     if metrics:
         lines.append(_line("test balanced accuracy",
                            f"{metrics['test_balanced_accuracy']:.4f}  (accuracy {metrics['test_accuracy']:.4f}, "

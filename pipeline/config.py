@@ -27,6 +27,9 @@ from pipeline.schema import (
     EvaluateSettings as EvaluateSettings,
 )
 from pipeline.schema import (
+    FeedbackSettings as FeedbackSettings,
+)
+from pipeline.schema import (
     MlflowSettings as MlflowSettings,
 )
 from pipeline.schema import (
@@ -85,6 +88,7 @@ class Settings(_Section):
     registry: RegistrySettings
     mlflow: MlflowSettings
     serve: ServeSettings
+    feedback: FeedbackSettings
     # Directory that relative paths resolve against (the folder holding params.yaml). Not a YAML key.
     root: Path = Field(default=PROJECT_ROOT, exclude=True)
 

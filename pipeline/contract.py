@@ -235,3 +235,12 @@ def recorded_bento_tag(reports_dir: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return tag if isinstance(tag, str) and tag else None
+
+
+# The collect stage's export of accepted feedback (under paths.feedback), read by prepare: the official
+# layout ({prefix}-train-imgs.npz, {prefix}-train-labels.npz, {prefix}_classmap.csv) and a manifest.
+FEEDBACK_PREFIX = "feedback"
+FEEDBACK_MANIFEST = "manifest.json"  # accept mode, n_items, max_id, ids, per-class counts, file MD5s
+# What a training run records of it (MLflow params), read back by the retrain deployment.
+FEEDBACK_ITEMS_PARAM = "data.feedback_items"
+FEEDBACK_MAX_ID_PARAM = "data.feedback_max_id"

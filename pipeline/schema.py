@@ -41,6 +41,7 @@ class Paths(_Section):
     checkpoints: Path
     optuna: Path
     mlflow: Path
+    feedback: Path
 
 
 class DownloadSettings(_Section):
@@ -187,6 +188,15 @@ class RegistrySettings(_Section):
 
 class MlflowSettings(_Section):
     experiment: str
+
+
+class FeedbackSettings(_Section):
+    store: str  # a SQLite file (relative to the project root) or a database URL
+    store_timeout_s: PositiveFloat
+    accept: Literal["reviewed", "all"]
+    min_new: PositiveInt
+    rate_per_minute: PositiveFloat
+    rate_burst: PositiveInt
 
 
 SERVE_RENAMED = {"max_batch_size": "engine_max_batch", "max_batch_images": "max_images_per_request"}

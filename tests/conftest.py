@@ -27,9 +27,10 @@ def one_torch_thread() -> Iterator[None]:
 def served_tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """One real `bentoml serve` of the tiny model for every test that only talks HTTP to it (service, page):
     trained, stored and started once per session. One worker, so a test of the per-worker limits is exact."""
-    from tests.served_model import SHARED_LIMITS, serve_tiny_model
+    from tests.served_model import SHARED_FEEDBACK, SHARED_LIMITS, serve_tiny_model
 
-    with serve_tiny_model(tmp_path_factory.mktemp("served"), SHARED_LIMITS, workers=1) as served:
+    with serve_tiny_model(tmp_path_factory.mktemp("served"), SHARED_LIMITS, workers=1,
+                          feedback_overrides=SHARED_FEEDBACK) as served:
         yield served
 
 

@@ -46,6 +46,9 @@ SHARED_LIMITS = {
     "max_header_bytes": 16_384,
     "max_headers": 50,
 }
+# Feedback writes of the shared server: an allowance per client address that the tests on 127.0.0.1 stay
+# within, and that the rate test (from an address of its own) reaches in a few requests.
+SHARED_FEEDBACK = {"rate_burst": 12, "rate_per_minute": 6}
 
 
 def train_tiny_model(out: Path) -> list[str]:
@@ -77,14 +80,17 @@ def train_tiny_model(out: Path) -> list[str]:
 
 @contextmanager
 def serve_tiny_model(work: Path, serve_overrides: dict[str, Any] | None = None,
-                     workers: int | None = None) -> Iterator[dict[str, Any]]:
+                     workers: int | None = None,
+                     feedback_overrides: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """Train, store and serve the tiny model; yields client, url, port, chars, tag, process, env and work.
 
-    ``serve_overrides`` replace keys of params.yaml's ``serve:`` section for this server only.
+    ``serve_overrides`` (``feedback_overrides``) replace keys of params.yaml's ``serve:`` (``feedback:``) section
+    for this server only; its feedback store is ``work/stores/feedback/feedback.db``.
     """
     chars = train_tiny_model(work)
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
     params["serve"].update(serve_overrides or {})
+    params["feedback"].update(feedback_overrides or {})
     (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     env = {"BENTOML_HOME": str(work / "bentoml"), "KUZUSHIJI_PARAMS": str(work / "params.yaml"),
            "BENTOML_DO_NOT_TRACK": "True"}

@@ -83,15 +83,15 @@ def _flow_name(api_url: str, flow_id: str) -> str:
 def test_a_pipeline_run_is_one_parent_flow_run_with_its_stages_beneath_and_a_summary(
     prefect_api: str, tmp_path: Path
 ) -> None:
-    # `make run`'s flow (python -m flows flow pipeline) on a copy whose dvc.yaml keeps its first two stages:
+    # `make run`'s flow (python -m flows flow pipeline) on a copy whose dvc.yaml keeps its first three stages:
     # DVC drives them, each is a flow run named after its stage, beneath the one pipeline flow run.
     project = copy_project(tmp_path / "project")
     dvc_yaml = project / "dvc.yaml"
     pipeline = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))
-    pipeline["stages"] = {name: pipeline["stages"][name] for name in ("download", "prepare")}
+    pipeline["stages"] = {name: pipeline["stages"][name] for name in ("download", "collect", "prepare")}
     pipeline.pop("plots", None)
     dvc_yaml.write_text(yaml.safe_dump(pipeline, sort_keys=False), encoding="utf-8")
-    subprocess.run(["git", "-C", str(project), "commit", "-qam", "two stages"], check=True)
+    subprocess.run(["git", "-C", str(project), "commit", "-qam", "three stages"], check=True)
     env = client_env(prefect_api, tmp_path / "home")
     env.pop("KUZUSHIJI_PARAMS", None)
     before = {run["id"] for run in flow_runs(prefect_api, "pipeline")}
@@ -107,7 +107,7 @@ def test_a_pipeline_run_is_one_parent_flow_run_with_its_stages_beneath_and_a_sum
     assert parent["state_type"] == "COMPLETED" and parent["name"] == "synthetic · quick"
     children = flow_runs(prefect_api, parent_flow_run_id={"any_": [parent["id"]]})
     assert sorted((run["name"], _flow_name(prefect_api, run["flow_id"])) for run in children) == [
-        ("download", "download"), ("prepare", "prepare")]
+        ("collect", "collect"), ("download", "download"), ("prepare", "prepare")]
     assert {run["state_type"] for run in children} == {"COMPLETED"}
     assert all(f"pipeline-run:{parent['id']}" in run["tags"] for run in children)
     response = httpx.post(f"{prefect_api}/artifacts/filter",

@@ -104,6 +104,7 @@ def test_outputs_are_written_with_the_documented_keys(synthetic_settings):
         "min_class_count": 18,
         "max_class_count": 18,
         "imbalance_ratio": 1.0,
+        "n_feedback": 0,  # no collect export: no feedback in the training split
     }
     with open(reports / "data" / "class_counts.csv", encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle))

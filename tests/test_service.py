@@ -180,9 +180,11 @@ def test_bento_builds_without_mlflow_or_torch(server, tmp_path):
     packed = sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
     assert "service.py" in packed and "serving/imaging.py" in packed and "params.yaml" in packed
     assert {"page/index.html", "page/page.js", "page/page.css", "page/docs.html"} <= set(packed)  # the page at /
+    assert {"page/feedback.js", "pipeline/feedback_store.py", "pipeline/databases.py"} <= set(packed)  # /feedback
     assert not any(name.startswith(("pipeline/train", "pipeline/model", "tests/")) for name in packed)
     requirements = (bentos[0].parent / "env" / "python" / "requirements.txt").read_text(encoding="utf-8")
     assert "onnxruntime==" in requirements and "torch" not in requirements and "mlflow" not in requirements
+    assert "sqlalchemy==" in requirements.lower() and "psycopg==" in requirements  # the feedback store
 
 
 # ------------------------------------------------------------------------------ issue 20: no hangs

@@ -357,6 +357,8 @@ def test_train_stage_writes_outputs_and_tracks_the_run(make_settings, monkeypatc
     run = client.get_run(run_info["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "2"
+    # How many feedback items the training split held (none here), what the retrain deployment reads back.
+    assert (run.data.params["data.feedback_items"], run.data.params["data.feedback_max_id"]) == ("0", "0")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_balanced_accuracy")] == [1, 2]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "refit_train_loss")] == [1, 2]
     assert "refit_val_balanced_accuracy" not in run.data.metrics  # the refit has nothing held out

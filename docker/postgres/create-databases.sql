@@ -3,3 +3,4 @@
 CREATE DATABASE mlflow;
 CREATE DATABASE optuna;
 CREATE DATABASE prefect;
+CREATE DATABASE feedback;  -- POST /feedback (pipeline/feedback_store.py)

@@ -5,6 +5,7 @@ manifest.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,16 @@ import numpy as np
 
 from pipeline import data
 from pipeline.config import Settings
-from pipeline.contract import ClassMap, DataError, write_classmap
-from pipeline.data import CLASSMAP_NAME, STATS_NAME, LabeledImages, write_npz
+from pipeline.contract import (
+    FEEDBACK_MANIFEST,
+    FEEDBACK_PREFIX,
+    GLYPH_SIDE,
+    ClassMap,
+    DataError,
+    load_classmap,
+    write_classmap,
+)
+from pipeline.data import CLASSMAP_NAME, STATS_NAME, LabeledImages, read_npz_array, write_npz
 from pipeline.files import write_json, write_text
 
 logger = logging.getLogger(__name__)
@@ -23,6 +32,7 @@ logger = logging.getLogger(__name__)
 SUMMARY_REPORT = "data/summary.json"
 CLASS_COUNTS_REPORT = "data/class_counts.csv"
 SAMPLES_FIGURE = "figures/data_samples.png"
+IMAGE_SHAPE = (GLYPH_SIDE, GLYPH_SIDE)
 MIN_PER_CLASS_FOR_SPLIT = 2  # a stratified split puts one image of each class on each side
 SAMPLE_GRID_MAX_CLASSES = 64  # the data_samples figure shows one image for each of the first N classes
 
@@ -57,6 +67,11 @@ def run(settings: Settings) -> dict[str, Any]:
         "train": LabeledImages(train.images[np.sort(train_idx)], train.labels[np.sort(train_idx)]),
         "val": LabeledImages(train.images[np.sort(val_idx)], train.labels[np.sort(val_idx)]),
     }
+    # Feedback joins the training split only: validation (which chooses the model) and test never move.
+    feedback, used = load_feedback(settings.path("feedback"), classmap)
+    if len(feedback):
+        splits["train"] = LabeledImages(np.concatenate([splits["train"].images, feedback.images]),
+                                        np.concatenate([splits["train"].labels, feedback.labels]))
 
     prepared = settings.path("prepared")
     for split, part in splits.items():
@@ -73,6 +88,7 @@ def run(settings: Settings) -> dict[str, Any]:
             "n_val": len(splits["val"]),
             "n_classes": n_classes,
             "counts": {split: counts.tolist() for split, counts in split_counts.items()},
+            **({"feedback": used} if used["items"] else {}),  # no feedback: the file as before it existed
         },
     )
 
@@ -85,6 +101,7 @@ def run(settings: Settings) -> dict[str, Any]:
         "min_class_count": int(train_counts.min()),
         "max_class_count": int(train_counts.max()),
         "imbalance_ratio": round(float(train_counts.max() / train_counts.min()), 4),
+        "n_feedback": used["items"],
     }
     reports = settings.path("reports")
     write_json(reports / SUMMARY_REPORT, summary)
@@ -96,6 +113,31 @@ def run(settings: Settings) -> dict[str, Any]:
     _save_samples(splits["train"], classmap, reports / SAMPLES_FIGURE, settings.seed)
     logger.info("prepared %s: %s", prepared, summary)
     return summary
+
+
+def load_feedback(folder: Path, classmap: ClassMap) -> tuple[LabeledImages, dict[str, int]]:
+    """The collect stage's export, its labels mapped onto the dataset's class map by character; empty when
+    there is none. Returns the images and what the training run records (items, highest store id)."""
+    manifest_path = folder / FEEDBACK_MANIFEST
+    none = LabeledImages(np.zeros((0, *IMAGE_SHAPE), dtype=np.uint8), np.zeros(0, dtype=np.int64))
+    if not manifest_path.is_file():
+        return none, {"items": 0, "max_id": 0}
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if not manifest.get("n_items"):
+        return none, {"items": 0, "max_id": 0}
+    images = read_npz_array(folder / f"{FEEDBACK_PREFIX}-train-imgs.npz")
+    labels = read_npz_array(folder / f"{FEEDBACK_PREFIX}-train-labels.npz").astype(np.int64)
+    chars = load_classmap(folder / f"{FEEDBACK_PREFIX}_classmap.csv").chars
+    unknown = sorted(set(chars) - set(classmap.chars))
+    if unknown:
+        raise DataError(f"{folder}: feedback labelled {unknown} is not in this dataset's class map: collect it "
+                        "with the model of this dataset, or reject those items (python -m pipeline.stages.collect "
+                        "review --reject IDS)")
+    if images.shape != (len(labels), *IMAGE_SHAPE) or images.dtype != np.uint8:
+        raise DataError(f"{folder}: feedback images are {images.shape} {images.dtype}, labels {labels.shape}")
+    mapping = np.array([classmap.chars.index(char) for char in chars], dtype=np.int64)
+    return (LabeledImages(images, mapping[labels] if len(labels) else labels),
+            {"items": len(labels), "max_id": int(manifest.get("max_id", 0))})
 
 
 def _pixel_stats(images: np.ndarray) -> tuple[float, float]:

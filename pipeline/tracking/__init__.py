@@ -4,6 +4,7 @@
 from pipeline.tracking.registry import (
     ModelRegistry,
     champion_artifacts,
+    champion_feedback,
     metric_value,
     version_by_alias,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "ModelRegistry",
     "TrackingError",
     "champion_artifacts",
+    "champion_feedback",
     "check_reachable",
     "configure",
     "default_tags",

@@ -16,6 +16,8 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_
 from pipeline.config import Settings
 from pipeline.contract import (
     CLASSMAP_FILE,
+    FEEDBACK_ITEMS_PARAM,
+    FEEDBACK_MAX_ID_PARAM,
     META_FILE,
     ONNX_FILE,
     STATUS_FAILED,
@@ -176,3 +178,16 @@ class ModelRegistry:
                                TAG_FAILURE: f"{type(error).__name__}: {error}"[:FAILURE_TAG_MAX_CHARS]})
         except Exception:  # the registry itself is down: the original error is the one to report
             log.exception("could not mark %s version %s as failed", self.name, version)
+
+
+def champion_feedback(settings: Settings) -> dict[str, Any] | None:
+    """The champion's version and the feedback its training data held (items, highest store id), from its
+    training run's params (0 for runs from before feedback existed); None when there is no champion."""
+    registry = ModelRegistry(settings, settings.registered_model_name())
+    version = registry.by_alias(settings.registry.champion_alias)
+    if version is None:
+        return None
+    run = registry.run(version.run_id)
+    params = run.data.params if run is not None else {}
+    return {"version": str(version.version), "items": int(params.get(FEEDBACK_ITEMS_PARAM, 0)),
+            "max_id": int(params.get(FEEDBACK_MAX_ID_PARAM, 0))}

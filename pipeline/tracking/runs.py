@@ -26,6 +26,8 @@ from mlflow.models import infer_signature
 from pipeline.config import Settings
 from pipeline.contract import (
     CLASSMAP_FILE,
+    FEEDBACK_ITEMS_PARAM,
+    FEEDBACK_MAX_ID_PARAM,
     META_FILE,
     ONNX_OUTPUT,
 )
@@ -121,6 +123,9 @@ def log_dataset(settings: Settings, splits: dict[str, int]) -> None:
     dataset = manifest_dataset(data.read_manifest(settings), settings.path("raw"), splits)
     mlflow.log_input(dataset, context="training")
     mlflow.log_params({f"data.split_size.{key}": int(value) for key, value in splits.items()})
+    feedback = data.read_stats(settings).get("feedback", {})  # the collect stage's items in the train split
+    mlflow.log_params({FEEDBACK_ITEMS_PARAM: int(feedback.get("items", 0)),
+                       FEEDBACK_MAX_ID_PARAM: int(feedback.get("max_id", 0))})
 
 
 def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
