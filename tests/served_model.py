@@ -75,12 +75,24 @@ def train_tiny_model(out: Path) -> list[str]:
     return chars
 
 
+def store_bundle(folder: Path, registry_version: str, env: dict[str, str]) -> str:
+    """``folder``'s model.onnx, classmap.csv and meta.json into the store of ``env`` (BENTOML_HOME); the tag."""
+    store = subprocess.run(
+        [sys.executable, "-m", "pipeline.stages.package", "store", "--onnx", str(folder / "model.onnx"),
+         "--classmap", str(folder / "classmap.csv"), "--meta", str(folder / "meta.json"),
+         "--registry-version", registry_version],
+        cwd=PROJECT_ROOT, env={**os.environ, **env}, capture_output=True, text=True, check=True,
+    )
+    return store.stdout.strip().splitlines()[-1]
+
+
 @contextmanager
 def serve_tiny_model(work: Path, serve_overrides: dict[str, Any] | None = None,
-                     workers: int | None = None) -> Iterator[dict[str, Any]]:
+                     workers: int | None = None, extra_env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
     """Train, store and serve the tiny model; yields client, url, port, chars, tag, process, env and work.
 
-    ``serve_overrides`` replace keys of params.yaml's ``serve:`` section for this server only.
+    ``serve_overrides`` replace keys of params.yaml's ``serve:`` section for this server only; ``extra_env``
+    is added to the server's environment.
     """
     chars = train_tiny_model(work)
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
@@ -90,13 +102,8 @@ def serve_tiny_model(work: Path, serve_overrides: dict[str, Any] | None = None,
            "BENTOML_DO_NOT_TRACK": "True"}
     if workers is not None:
         env["BENTOML_CONFIG_OPTIONS"] = f"services.kuzushiji.workers={workers}"
-    store = subprocess.run(
-        [sys.executable, "-m", "pipeline.stages.package", "store", "--onnx", str(work / "model.onnx"),
-         "--classmap", str(work / "classmap.csv"), "--meta", str(work / "meta.json"),
-         "--registry-version", REGISTRY_VERSION],
-        cwd=PROJECT_ROOT, env={**os.environ, **env}, capture_output=True, text=True, check=True,
-    )
-    tag = store.stdout.strip().splitlines()[-1]
+    tag = store_bundle(work, REGISTRY_VERSION, env)
+    env.update(extra_env or {})
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     bentoml_cli = str(Path(sys.executable).with_name("bentoml"))
