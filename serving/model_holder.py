@@ -303,7 +303,7 @@ class ModelHolder:
         SERVED_MODEL.labels(bento_model=new.tag, registry_version=new.version).set(1)
         RELOADS.labels(trigger=trigger, outcome="swapped").inc()
         self._rejected.pop(tag, None)
-        log.info("now serving %s (version %s) instead of %s (version %s), loaded in %.0f ms (%s)", new.tag,
+        log.warning("now serving %s (version %s) instead of %s (version %s), loaded in %.0f ms (%s)", new.tag,
                  new.version, old.tag, old.version, 1000 * (time.perf_counter() - started), trigger)
         return old
 

@@ -153,8 +153,9 @@ def test_the_other_workers_follow_the_marker_a_reload_bumps(store, tmp_path: Pat
     first = store("1", winner=0)
 
     async def scenario() -> list[str]:
-        leader, follower = _holder(first, marker), _holder(first, marker)
+        leader, follower, watching = _holder(first, marker), _holder(first, marker), _holder(first, marker)
         await follower.follow()  # no marker yet: nothing to follow
+        watching.start()  # looks every follow_s by itself, as in a worker
         seen = [follower.current.version]
         store("2", winner=1)
         await leader.reload()
@@ -164,9 +165,15 @@ def test_the_other_workers_follow_the_marker_a_reload_bumps(store, tmp_path: Pat
         late = _holder(first, marker)  # a worker started after the reload catches up at its first look
         await late.follow()
         seen.append(late.current.version)
+        for _ in range(100):
+            if watching.current.version == "2":
+                break
+            await asyncio.sleep(0.05)
+        watching.stop()
+        seen.append(watching.current.version)
         return seen
 
-    assert asyncio.run(scenario()) == ["1", "2", "2", "2"]
+    assert asyncio.run(scenario()) == ["1", "2", "2", "2", "2"]
 
 
 def test_polling_the_store_swaps_when_on_and_tries_a_bad_model_once(store) -> None:
