@@ -234,7 +234,8 @@ class ModelHolder:
                 RELOADS.labels(trigger=trigger, outcome="rejected").inc()
                 raise
             if previous is not None and self.marker is not None:
-                write_json(self.marker, {"tag": tag, "by_pid": os.getpid(), "at": time.time()})
+                marked = {"tag": tag, "by_pid": os.getpid(), "at": time.time()}
+                await asyncio.to_thread(write_json, self.marker, marked)  # atomic: a reader sees old or new
                 self._seen = _marker_tag(self.marker, None)[1]
         return {"swapped": previous is not None, "model": self._current.info,
                 "previous": previous.info if previous is not None else None, "worker_pid": os.getpid()}

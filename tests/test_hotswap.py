@@ -112,3 +112,17 @@ def test_a_corrupt_model_leaves_the_old_one_serving_and_says_why(swappable: dict
     assert set(_served_versions(swappable)) == {before["registry_version"]}
     predicted = client.post("/predict", files={"image": ("a.png", bad_inputs.scan_png("う"), "image/png")})
     assert predicted.status_code == 200 and predicted.headers["x-model-version"] == before["registry_version"]
+
+
+def test_polling_the_store_picks_up_a_new_champion_with_no_call(tmp_path: Path) -> None:
+    with serve_tiny_model(tmp_path, {"reload_poll_s": 0.3}, workers=1) as served:  # no admin token: no endpoint
+        client = served["client"]
+        assert client.post("/admin/reload", headers={"Authorization": "Bearer x"}).status_code == 404
+        new_tag = store_bundle(served["work"], "8", served["env"])
+        deadline = time.monotonic() + 20
+        while client.get("/version").json()["bento_model"] != new_tag and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.get("/version").json()["registry_version"] == "8"
+        reloads = [line for line in client.get("/metrics").text.splitlines()
+                   if line.startswith("kuzushiji_model_reloads_total{")]
+        assert any('trigger="poll"' in line and 'outcome="swapped"' in line for line in reloads), reloads
