@@ -51,6 +51,7 @@ async def reload(authorization: str | None, token: str | None, holder: ModelHold
         answer = await holder.reload()
     except ModelRejected as exc:
         served = holder.current
+        log.error("reload refused: %s; still serving %s", exc, served.tag)
         return RequestRejected(422, "model_rejected", f"{exc}; still serving {served.tag} (version "
                                                       f"{served.version})", served=served.tag).response()
     answer["other_workers_follow_within_s"] = holder.follow_s
