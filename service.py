@@ -32,7 +32,7 @@ from serving.errors import RequestRejected
 from serving.intake import Intake
 from serving.limits import ByteBudget, RequestLimits
 from serving.model_choice import served_tag
-from serving.model_holder import ModelHolder, load_model, marker_path, own_marker
+from serving.model_holder import MODEL_HEADERS, ModelHolder, load_model, marker_path, own_marker
 from serving.openapi import OpenApiInfo, service_info
 from serving.requests import ParsedRequest, parse_top_k, top_classes
 from serving.schemas import TOP_K_DOC, BatchPrediction, Prediction
@@ -44,7 +44,6 @@ _SETTINGS = load_settings()
 _DEFINITION = _SETTINGS.serve
 MODEL_TAG, MODEL_SOURCE = served_tag(os.environ.get(MODEL_ENV), recorded_bento_tag(_SETTINGS.path("reports")),
                                      _DEFINITION.bento_model)
-MODEL_HEADERS = ("x-model-version", "x-bento-model")
 HOT_ROUTES = {"/predict": "predict", "/predict_batch": "predict_batch", "/glyph": "glyph"}  # POST path -> API
 PAGE_DIR = Path(__file__).resolve().parent / "page"
 KNOWN_ROUTES = KnownRoutes(

@@ -42,6 +42,7 @@ from serving.batcher import MicroBatcher
 log = logging.getLogger("kuzushiji.service")
 MARKER_ENV = "KUZUSHIJI_RELOAD_MARKER"  # a path shared by every worker that should follow a reload
 WARMUP_ROWS = 2
+MODEL_HEADERS = ("x-model-version", "x-bento-model")  # on every response: the model that answered
 
 SERVED_MODEL = bentoml.metrics.Gauge(
     name="kuzushiji_served_model",
@@ -77,7 +78,7 @@ class ServedModel:
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"x-model-version": self.version, "x-bento-model": self.tag}
+        return dict(zip(MODEL_HEADERS, (self.version, self.tag), strict=True))
 
 
 def classify(session: Any, glyphs: np.ndarray) -> np.ndarray:
