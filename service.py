@@ -24,19 +24,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from pipeline.config import load_settings
-from pipeline.contract import (
-    CLASSMAP_FILE,
-    GLYPH_SIDE,
-    ONNX_FILE,
-    ONNX_INPUT,
-    ONNX_OUTPUT,
-    load_classmap,
-    onnx_session,
-    recorded_bento_tag,
-    softmax,
-)
-from serving import protocol
-from serving.batcher import MicroBatcher
+from pipeline.contract import recorded_bento_tag
+from serving import admin, protocol
 from serving.decoding import Decoder
 from serving.edge import KnownRoutes, LastResort, model_headers, use_own_prometheus_dir
 from serving.errors import RequestRejected
@@ -44,6 +33,7 @@ from serving.feedback_desk import FeedbackDesk
 from serving.intake import Intake
 from serving.limits import ByteBudget, RequestLimits
 from serving.model_choice import served_tag
+from serving.model_holder import MODEL_HEADERS, ModelHolder, load_model, marker_path, own_marker
 from serving.openapi import OpenApiInfo, service_info
 from serving.requests import ParsedRequest, parse_top_k, top_classes
 from serving.schemas import TOP_K_DOC, BatchPrediction, Prediction
@@ -55,16 +45,16 @@ _SETTINGS = load_settings()
 _DEFINITION = _SETTINGS.serve
 MODEL_TAG, MODEL_SOURCE = served_tag(os.environ.get(MODEL_ENV), recorded_bento_tag(_SETTINGS.path("reports")),
                                      _DEFINITION.bento_model)
-MODEL_HEADERS = ("x-model-version", "x-bento-model")
 HOT_ROUTES = {"/predict": "predict", "/predict_batch": "predict_batch", "/glyph": "glyph"}  # POST path -> API
 PAGE_DIR = Path(__file__).resolve().parent / "page"
 KNOWN_ROUTES = KnownRoutes(
     exact=frozenset({*HOT_ROUTES, "/", "/docs", "/docs.json", "/schema.json", "/version", "/livez", "/healthz",
-                     "/readyz", "/metrics", "/feedback"}),
+                     "/readyz", "/metrics", "/feedback", "/admin/reload"}),
     prefixes=("/page/", "/static_content/"),
 )
 
 use_own_prometheus_dir("kuzushiji")
+own_marker()
 protocol.install(protocol.HttpLimits(
     header_timeout_s=_DEFINITION.header_timeout_s,
     keepalive_timeout_s=_DEFINITION.keepalive_timeout_s,
@@ -111,25 +101,10 @@ class PredictBatchInput(bentoml.IODescriptor):
         return cls.model_construct(images=await _receive(request, batch=True), top_k=None)
 
 
-def _model_info(stored: Any) -> dict[str, Any]:
-    meta = dict(stored.info.metadata)
-    return {
-        "bento_model": str(stored.tag),
-        "model_source": MODEL_SOURCE,
-        "registry_model": meta.get("registry_model"),
-        "registry_version": str(meta.get("registry_version", stored.tag.version)),
-        "dataset": meta.get("dataset"),
-        "metrics": meta.get("metrics", {}),
-        "num_classes": meta.get("num_classes"),
-        "created": stored.info.creation_time.isoformat(),
-    }
-
-
-def _classify(session: Any, glyphs: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) glyphs -> float32 (N, classes) softmax probabilities."""
-    images = glyphs.astype(np.float32)[:, None]  # raw 0..255; the model normalises inside
-    (logits,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: images})
-    return softmax(logits)
+def _champion() -> str:
+    """The tag to serve now, chosen as at start (a reload or a store poll asks again)."""
+    return served_tag(os.environ.get(MODEL_ENV), recorded_bento_tag(_SETTINGS.path("reports")),
+                      _DEFINITION.bento_model)[0]
 
 
 def _png(glyph: np.ndarray) -> bytes:
@@ -164,8 +139,14 @@ async def _feedback(request: Request) -> Response:
     service = bentoml.get_current_service()
     if request.method == "GET":
         return service.feedback.classes(service.classmap)
-    return await service.feedback.answer(request, service.classmap, service.batcher.run,
-                                         service.model_info["registry_version"])
+    async with service.holder.serving() as served:  # the model that reads the glyph is the one recorded
+        return await service.feedback.answer(request, served.classmap, served.batcher.run,
+                                             served.info["registry_version"])
+
+
+async def _reload(request: Request) -> Response:
+    service = bentoml.get_current_service()
+    return await admin.reload(request.headers.get("authorization"), service.admin_token, service.holder)
 
 
 async def _page(_: Request) -> FileResponse:
@@ -182,6 +163,7 @@ WEB_ROUTES = [
     Route("/docs", _api_docs, methods=["GET"]),
     Route("/version", _version, methods=["GET"]),
     Route("/feedback", _feedback, methods=["GET", "POST"]),
+    Route("/admin/reload", _reload, methods=["POST"]),
     Mount("/page", StaticFiles(directory=PAGE_DIR), name="page"),
 ]
 
@@ -231,20 +213,33 @@ class Kuzushiji:
                 f"{os.environ.get('BENTOML_HOME', '~/bentoml')}): run the package stage "
                 f"(`python -m pipeline.stages.package import`) or set ${MODEL_ENV} to a stored tag"
             ) from None
-        # Fixed for the life of the process: a new model means a new deployment.
-        self.model_info = _model_info(stored)
-        self.classmap = load_classmap(Path(self.model.path_of(CLASSMAP_FILE)))
         self.limits = RequestLimits.from_settings(serve)
         self.intake = Intake(
             self.limits, ByteBudget(serve.worker_body_budget_bytes, serve.queue_timeout_s), serve.body_idle_timeout_s
         )
         self.decoder = Decoder(self.limits, serve.threads)
-        session = onnx_session(Path(self.model.path_of(ONNX_FILE)), serve.threads)
-        engine = partial(_classify, session)
-        engine(np.zeros((1, GLYPH_SIDE, GLYPH_SIDE), dtype=np.uint8))  # warm-up: allocate once, now
-        self.batcher = MicroBatcher(engine, serve.engine_max_batch, on_batch=_ENGINE_BATCH.observe)
+        # A new champion is swapped in while serving (serving/model_holder.py): the tag may change.
+        load = partial(load_model, source=MODEL_SOURCE, threads=serve.threads, max_batch=serve.engine_max_batch,
+                       on_batch=_ENGINE_BATCH.observe)
+        self.holder = ModelHolder(load(str(stored.tag)), load, _champion, marker_path(), serve.reload_follow_s,
+                                  serve.reload_poll_s)
+        self.admin_token = admin.admin_token()
         settings = load_settings()
         self.feedback = FeedbackDesk(settings.feedback, settings.root, self.intake, self.decoder)
+
+    @bentoml.on_startup
+    async def follow_new_models(self) -> None:
+        """Catch up with a reload made before this worker started, then follow the others."""
+        await self.holder.follow()
+        self.holder.start()
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        return self.holder.current.info
+
+    @property
+    def classmap(self) -> Any:
+        return self.holder.current.classmap
 
     @bentoml.api(route="/predict", input_spec=PredictInput)
     async def predict(self, image: Any, top_k: Any = None) -> Prediction:
@@ -278,23 +273,26 @@ class Kuzushiji:
         try:
             request = _accepted(parsed)
             k = parse_top_k(request.top_k, len(self.classmap), self.limits.default_top_k)
-            probabilities = await self.batcher.run(await self.decoder.glyphs(request.uploads, batch))
+            glyphs = await self.decoder.glyphs(request.uploads, batch)
+            async with self.holder.serving() as served:  # the model that answers, whatever swaps meanwhile
+                probabilities = await served.batcher.run(glyphs)
         except RequestRejected as rejected:
             _IMAGES.labels(endpoint=endpoint, outcome="rejected").inc()
             return rejected.response()
         count = len(request.uploads)
         _IMAGES.labels(endpoint=endpoint, outcome="classified").inc(count)
         _REQUEST_IMAGES.labels(endpoint=endpoint).observe(count)
-        version = self.model_info["registry_version"]
+        version = served.version
         if not batch:
             return JSONResponse(
-                {"model_version": version, "predictions": top_classes(probabilities[0], k, self.classmap)}
+                {"model_version": version, "predictions": top_classes(probabilities[0], k, served.classmap)},
+                headers=served.headers,
             )
         results = [
-            {"filename": upload.filename, "predictions": top_classes(row, k, self.classmap)}
+            {"filename": upload.filename, "predictions": top_classes(row, k, served.classmap)}
             for upload, row in zip(request.uploads, probabilities, strict=True)
         ]
-        return JSONResponse({"model_version": version, "results": results})
+        return JSONResponse({"model_version": version, "results": results}, headers=served.headers)
 
     async def glyph_png(self, parsed: ParsedRequest | RequestRejected) -> Response:
         """What the model reads for one image (read-only: nothing classified or counted)."""
@@ -314,5 +312,5 @@ def _accepted(parsed: ParsedRequest | RequestRejected) -> ParsedRequest:
 # The first added is the outer one: a fault anywhere inside is answered before BentoML's timeout waits on it.
 Kuzushiji.add_asgi_middleware(LastResort)  # type: ignore[attr-defined]  # a bentoml.Service at run time
 Kuzushiji.add_asgi_middleware(  # type: ignore[attr-defined]
-    OpenApiInfo, info=lambda: service_info(_model_info(bentoml.models.get(MODEL_TAG))))
+    OpenApiInfo, info=lambda: service_info(bentoml.get_current_service().model_info))
 Kuzushiji.add_asgi_middleware(ServeHotRoutes)  # type: ignore[attr-defined]

@@ -220,6 +220,8 @@ class ServeSettings(_Section):
     max_header_bytes: PositiveInt
     max_headers: PositiveInt
     threads: PositiveInt
+    reload_follow_s: PositiveFloat
+    reload_poll_s: Annotated[float, Field(ge=0)]
 
     @model_validator(mode="before")
     @classmethod

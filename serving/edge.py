@@ -63,7 +63,9 @@ class _Reply:
     async def __call__(self, message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
             self.started = True
-            message = {**message, "headers": [*message.get("headers", []), *self.headers]}
+            own = message.get("headers", [])
+            names = {name.lower() for name, _ in own}  # the answer's own model headers win (a swap between)
+            message = {**message, "headers": [*own, *(item for item in self.headers if item[0] not in names)]}
             if message["status"] >= 400:
                 self.held = message
                 return
@@ -125,18 +127,19 @@ class LastResort:
 
 
 def model_headers(names: tuple[str, str]) -> Callable[[], list[tuple[bytes, bytes]]]:
-    """The served model's headers (``X-Model-Version``, ``X-Bento-Model``) once the service exists."""
-    cached: list[list[tuple[bytes, bytes]]] = []
+    """The served model's headers (``X-Model-Version``, ``X-Bento-Model``) once the service exists; they
+    change when a new model is swapped in (``model_info`` is then another dict)."""
+    cached: list[Any] = [None, []]  # the model_info they were made from, the headers
 
     def headers() -> list[tuple[bytes, bytes]]:
-        if not cached:
-            try:
-                info = bentoml.get_current_service().model_info
-            except bentoml.exceptions.BentoMLException:
-                return []  # not instantiated yet (starting up)
-            cached.append([(names[0].encode(), info["registry_version"].encode()),
-                           (names[1].encode(), info["bento_model"].encode())])
-        return cached[0]
+        try:
+            info = bentoml.get_current_service().model_info
+        except bentoml.exceptions.BentoMLException:
+            return []  # not instantiated yet (starting up)
+        if info is not cached[0]:
+            cached[:] = [info, [(names[0].encode(), info["registry_version"].encode()),
+                                (names[1].encode(), info["bento_model"].encode())]]
+        return cached[1]
 
     return headers
 

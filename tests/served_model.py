@@ -78,14 +78,26 @@ def train_tiny_model(out: Path) -> list[str]:
     return chars
 
 
+def store_bundle(folder: Path, registry_version: str, env: dict[str, str]) -> str:
+    """``folder``'s model.onnx, classmap.csv and meta.json into the store of ``env`` (BENTOML_HOME); the tag."""
+    store = subprocess.run(
+        [sys.executable, "-m", "pipeline.stages.package", "store", "--onnx", str(folder / "model.onnx"),
+         "--classmap", str(folder / "classmap.csv"), "--meta", str(folder / "meta.json"),
+         "--registry-version", registry_version],
+        cwd=PROJECT_ROOT, env={**os.environ, **env}, capture_output=True, text=True, check=True,
+    )
+    return store.stdout.strip().splitlines()[-1]
+
+
 @contextmanager
 def serve_tiny_model(work: Path, serve_overrides: dict[str, Any] | None = None,
-                     workers: int | None = None,
+                     workers: int | None = None, extra_env: dict[str, str] | None = None,
                      feedback_overrides: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """Train, store and serve the tiny model; yields client, url, port, chars, tag, process, env and work.
 
     ``serve_overrides`` (``feedback_overrides``) replace keys of params.yaml's ``serve:`` (``feedback:``) section
-    for this server only; its feedback store is ``work/stores/feedback/feedback.db``.
+    for this server only; its feedback store is ``work/stores/feedback/feedback.db``; ``extra_env`` is added to
+    the server's environment.
     """
     chars = train_tiny_model(work)
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
@@ -96,13 +108,8 @@ def serve_tiny_model(work: Path, serve_overrides: dict[str, Any] | None = None,
            "BENTOML_DO_NOT_TRACK": "True"}
     if workers is not None:
         env["BENTOML_CONFIG_OPTIONS"] = f"services.kuzushiji.workers={workers}"
-    store = subprocess.run(
-        [sys.executable, "-m", "pipeline.stages.package", "store", "--onnx", str(work / "model.onnx"),
-         "--classmap", str(work / "classmap.csv"), "--meta", str(work / "meta.json"),
-         "--registry-version", REGISTRY_VERSION],
-        cwd=PROJECT_ROOT, env={**os.environ, **env}, capture_output=True, text=True, check=True,
-    )
-    tag = store.stdout.strip().splitlines()[-1]
+    tag = store_bundle(work, REGISTRY_VERSION, env)
+    env.update(extra_env or {})
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     bentoml_cli = str(Path(sys.executable).with_name("bentoml"))

@@ -321,3 +321,10 @@ def test_version_says_which_model_and_why(server):
     version = server["client"].get("/version").json()
     assert version["bento_model"] == server["tag"]
     assert version["model_source"]  # pinned, recorded by this checkout's package stage, or the latest
+
+
+def test_the_admin_endpoint_is_off_without_a_token(server):
+    response = server["client"].post("/admin/reload", headers={"Authorization": "Bearer anything"})
+    assert response.status_code == 404, response.text
+    assert "KUZUSHIJI_ADMIN_TOKEN" in response.json()["error"]["message"]
+    assert server["client"].get("/version").json()["registry_version"] == "7"
