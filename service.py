@@ -24,7 +24,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from pipeline.config import load_settings
-from pipeline.contract import recorded_bento_tag
+from pipeline.contract import recorded_bento_tag, softmax
 from serving import admin, protocol
 from serving.decoding import Decoder
 from serving.edge import KnownRoutes, LastResort, model_headers, use_own_prometheus_dir
@@ -37,6 +37,7 @@ from serving.model_holder import MODEL_HEADERS, ModelHolder, load_model, marker_
 from serving.openapi import OpenApiInfo, service_info
 from serving.requests import ParsedRequest, parse_top_k, top_classes
 from serving.schemas import TOP_K_DOC, BatchPrediction, Prediction
+from serving.verdicts import verdicts
 
 MODEL_ENV = "KUZUSHIJI_BENTO_MODEL"  # pin a model tag (name:version)
 # BentoML reads the service's options and its model when the class is defined, so these come from
@@ -275,22 +276,22 @@ class Kuzushiji:
             k = parse_top_k(request.top_k, len(self.classmap), self.limits.default_top_k)
             glyphs = await self.decoder.glyphs(request.uploads, batch)
             async with self.holder.serving() as served:  # the model that answers, whatever swaps meanwhile
-                probabilities = await served.batcher.run(glyphs)
+                logits = await served.batcher.run(glyphs)  # calibrated: the temperature is in the graph
         except RequestRejected as rejected:
             _IMAGES.labels(endpoint=endpoint, outcome="rejected").inc()
             return rejected.response()
         count = len(request.uploads)
         _IMAGES.labels(endpoint=endpoint, outcome="classified").inc(count)
         _REQUEST_IMAGES.labels(endpoint=endpoint).observe(count)
-        version = served.version
+        version, probabilities = served.version, softmax(logits)
+        judged = verdicts(served.trust, logits)
         if not batch:
-            return JSONResponse(
-                {"model_version": version, "predictions": top_classes(probabilities[0], k, served.classmap)},
-                headers=served.headers,
-            )
+            return JSONResponse({"model_version": version, **judged[0],
+                                 "predictions": top_classes(probabilities[0], k, served.classmap)},
+                                headers=served.headers)
         results = [
-            {"filename": upload.filename, "predictions": top_classes(row, k, served.classmap)}
-            for upload, row in zip(request.uploads, probabilities, strict=True)
+            {"filename": upload.filename, **verdict, "predictions": top_classes(row, k, served.classmap)}
+            for upload, row, verdict in zip(request.uploads, probabilities, judged, strict=True)
         ]
         return JSONResponse({"model_version": version, "results": results}, headers=served.headers)
 

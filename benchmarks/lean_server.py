@@ -1,7 +1,7 @@
 """The lean anchor of the serving benchmark: the least a Python server can do for ``predict``.
 
 One process, one Starlette route, no framework middleware: read the body, parse and validate it with
-``serving.requests``, decode the glyph with ``serving.imaging``, batch concurrent requests with
+``serving.requests``, decode the glyph with ``pipeline.imaging``, batch concurrent requests with
 ``serving.batcher.MicroBatcher`` into ONNX Runtime, answer the same JSON. The service (service.py) does
 the same work inside BentoML, so the ratio of the two is what BentoML costs.
 

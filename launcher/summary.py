@@ -68,6 +68,7 @@ def summary_lines(project_dir: Path = PROJECT_ROOT, prefect_ui: str = DEFAULT_PR
         lines.append(_line("test balanced accuracy",
                            f"{metrics['test_balanced_accuracy']:.4f}  (accuracy {metrics['test_accuracy']:.4f}, "
                            f"{metrics['n_test']} test images)"))
+        lines += _trust_lines(metrics, params.get("evaluate", {}))
     else:
         lines.append(_line("test balanced accuracy", f"none yet ({reports / EVAL_METRICS} missing: evaluate "
                                                      "has not run)"))
@@ -90,6 +91,28 @@ def summary_lines(project_dir: Path = PROJECT_ROOT, prefect_ui: str = DEFAULT_PR
         _line("flow runs", f"make prefect-ui  -> {prefect_ui}"),
         _line("all metrics and plots", "dvc metrics show / dvc plots show"),
     ]
+    return lines
+
+
+def _trust_lines(metrics: dict[str, Any], evaluate: dict[str, Any]) -> list[str]:
+    """Calibration error, coverage at the target accuracy and "not a kana" separation (when evaluated)."""
+    if "test_ece" not in metrics:
+        return []
+    calibration = (f"ECE {metrics['test_ece']:.4f} (before the temperature {metrics['test_ece_uncalibrated']:.4f}, "
+                   f"T={metrics['test_temperature']:.3f})")
+    lines = [_line("calibration error", calibration)]
+    if "test_coverage_at_target" in metrics:
+        target = evaluate.get("answered_accuracy")
+        lines.append(_line("confident answers", f"{metrics['test_coverage_at_target']:.1%} of test images, "
+                                                f"{metrics.get('test_answered_accuracy', float('nan')):.4f} right "
+                                                f"(target {target})"))
+    aurocs = {key.removeprefix("ood_auroc_"): value for key, value in metrics.items() if key.startswith("ood_auroc_")}
+    if aurocs:
+        worst = min(aurocs, key=aurocs.__getitem__)
+        lines.append(_line("not-a-kana AUROC", f"digits {aurocs.get('sklearn_digits', float('nan')):.3f}, "
+                                               f"Latin {aurocs.get('latin_letters', float('nan')):.3f}, lowest "
+                                               f"{worst} {aurocs[worst]:.3f}; kana flagged "
+                                               f"{metrics.get('test_ood_false_alarm', float('nan')):.2%}"))
     return lines
 
 

@@ -17,6 +17,7 @@
   const strokes = [];
   let stroke = null; // the stroke being written
   let topK = TOP_K;
+  let classCount = 49; // from /version: "one of the 49 kana" (10 for a KMNIST model)
   let liveTimer = null;
   let pending = 0; // requests in flight, for aria-busy
   let singleId = 0; // a newer single read makes an older answer stale
@@ -114,11 +115,36 @@
     bar.append(fill);
     item.append(
       el("span", "char", score.char, { lang: "ja" }),
+      el("span", "reading", score.reading || ""),
       el("span", "codepoint", `${score.codepoint} · class ${score.index}`),
       el("span", "percent", percent(score.probability)),
       bar,
     );
     return item;
+  }
+
+  // "あ (a)": a kana with its modern reading, for a reader who does not read kuzushiji.
+  function named(score) {
+    return score.reading ? `${score.char} (${score.reading})` : score.char;
+  }
+
+  const NOT_A_KANA = () => `This does not look like one of the ${classCount} kana`;
+
+  // What the answer means, in words: {kind: "sure" | "unsure" | "outside" | "", text}. A model without
+  // thresholds (confident null) gets no verdict, only its guesses.
+  function verdictOf(answer) {
+    const guesses = answer.predictions.map(named).join(", ");
+    if (answer.in_domain === false) return { kind: "outside", text: `${NOT_A_KANA()}: ${answer.reason}.` };
+    if (answer.confident === false) return { kind: "unsure", text: `Not sure — the top guesses are ${guesses}` };
+    if (answer.confident === true) return { kind: "sure", text: `It reads ${named(answer.predictions[0])}` };
+    return { kind: "", text: "" };
+  }
+
+  function showVerdict(verdict) {
+    const box = $("verdict");
+    box.className = `verdict ${verdict.kind}`;
+    box.textContent = verdict.text;
+    box.hidden = !verdict.text;
   }
 
   async function readOne(file, name) {
@@ -127,13 +153,25 @@
     say(`Reading ${name}…`);
     const [answer, glyph] = await Promise.all([post("/predict", form("image", [file])), glyphOf(file)]);
     if (id !== singleId) return; // a newer read is on its way
+    if (answer.error && answer.error.code === "blank_image") {
+      // Nothing drawn (an empty pad, an all-white or a 1x1 image): not a kana, not a fault.
+      $("result").hidden = true;
+      $("error").hidden = true;
+      showVerdict({ kind: "outside", text: `${NOT_A_KANA()}: ${answer.error.message}` });
+      say(`${name}: nothing to read`);
+      return;
+    }
     if (answer.error) {
       $("result").hidden = true;
+      $("verdict").hidden = true;
       showError(answer.error);
       say(`${name}: not read`);
       return;
     }
     $("error").hidden = true;
+    const verdict = verdictOf(answer.body);
+    showVerdict(verdict);
+    $("top").className = verdict.kind === "sure" || !verdict.kind ? "scores" : "scores tentative";
     showBlob($("source"), file);
     if (glyph.body) showBlob($("glyph"), glyph.body);
     else showError(glyph.error);
@@ -145,11 +183,15 @@
 
   // --------------------------------------------------------------------------- several images
 
-  function fillTop(cell, predictions) {
+  function fillTop(cell, result) {
+    const verdict = verdictOf(result);
     const top = el("div", "top");
-    for (const score of predictions) {
+    if (verdict.kind === "outside") top.append(el("span", "verdict outside", "not a kana"));
+    else if (verdict.kind === "unsure") top.append(el("span", "verdict unsure", "not sure:"));
+    for (const score of result.predictions) {
       const item = el("span", "", undefined, { title: `${score.codepoint} · class ${score.index}` });
-      item.append(el("b", "", score.char, { lang: "ja" }), ` ${percent(score.probability)}`);
+      const reading = score.reading ? ` ${score.reading}` : "";
+      item.append(el("b", "", score.char, { lang: "ja" }), `${reading} ${percent(score.probability)}`);
       top.append(item);
     }
     cell.replaceChildren(top);
@@ -199,7 +241,7 @@
       return;
     }
     $("error").hidden = true;
-    answer.body.results.forEach((result, index) => fillTop(rows[index].querySelector("td.answer"), result.predictions));
+    answer.body.results.forEach((result, index) => fillTop(rows[index].querySelector("td.answer"), result));
     sayBatch(`${files.length} files read · model version ${answer.body.model_version}`);
   }
 
@@ -260,6 +302,7 @@
     singleId += 1; // answers still on their way are stale
     $("result").hidden = true;
     $("error").hidden = true;
+    $("verdict").hidden = true;
     say("Write a character or choose an image.");
   }
 
@@ -359,6 +402,7 @@
     .then((info) => {
       if (!info) return;
       if (info.num_classes) topK = Math.min(TOP_K, info.num_classes);
+      if (info.num_classes) classCount = info.num_classes;
       const parts = [`Model version ${info.registry_version}`];
       if (info.dataset) parts.push(`trained on ${info.dataset}`);
       if (info.num_classes) parts.push(`${info.num_classes} classes`);

@@ -244,3 +244,64 @@ FEEDBACK_MANIFEST = "manifest.json"  # accept mode, n_items, max_id, ids, per-cl
 # What a training run records of it (MLflow params), read back by the retrain deployment.
 FEEDBACK_ITEMS_PARAM = "data.feedback_items"
 FEEDBACK_MAX_ID_PARAM = "data.feedback_max_id"
+
+
+# ------------------------------------------------------------------ trust: calibration and thresholds
+
+# meta.json's "trust" object (written by train, read by evaluate and the service): the temperature already
+# baked into the ONNX graph (its "logits" are calibrated), the top-probability threshold of "confident"
+# and the in-domain score threshold under which an image is "not a kana".
+TRUST_KEY = "trust"
+REASON_BLANK = "the image is blank: no strokes to read"
+
+
+@dataclass(frozen=True)
+class Trust:
+    temperature: float
+    confidence_threshold: float
+    ood_threshold: float
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Trust | None:
+        """The thresholds of a model's meta.json; None for a model trained before calibration."""
+        values = meta.get(TRUST_KEY)
+        if not isinstance(values, dict):
+            return None
+        try:
+            return cls(float(values["temperature"]), float(values["confidence_threshold"]),
+                       float(values["ood_threshold"]))
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"meta.json {TRUST_KEY!r} is malformed ({values!r}); re-run the train stage") from None
+
+    def judge(self, logits: np.ndarray) -> list[dict[str, Any]]:
+        """Per row of calibrated logits: ``confident``, ``in_domain`` and, when not, the ``reason``."""
+        scores, top = in_domain_score(logits), softmax(logits).max(axis=1)
+        verdicts: list[dict[str, Any]] = []
+        for score, probability in zip(scores.tolist(), top.tolist(), strict=True):
+            verdict: dict[str, Any] = {"confident": probability >= self.confidence_threshold,
+                                       "in_domain": score >= self.ood_threshold}
+            if not verdict["in_domain"]:
+                verdict["confident"] = False
+                verdict["reason"] = (f"its strokes do not look like any of the kana the model knows (in-domain "
+                                     f"score {score:.2f}, below {self.ood_threshold:.2f})")
+            verdicts.append(verdict)
+        return verdicts
+
+
+def in_domain_score(logits: np.ndarray) -> np.ndarray:
+    """log-sum-exp of each row (minus the energy, Liu et al. 2020): low when no class fits the image."""
+    values = np.asarray(logits, dtype=np.float64)
+    peak = values.max(axis=1)
+    return peak + np.log(np.exp(values - peak[:, None]).sum(axis=1))
+
+
+# Modern readings (Hepburn romaji) of the K49 classes, keyed by character; KMNIST's ten are among them.
+# ゐ, ゑ and を are read i, e and o today; ゝ repeats the kana before it.
+READINGS: dict[str, str] = {
+    "あ": "a", "い": "i", "う": "u", "え": "e", "お": "o", "か": "ka", "き": "ki", "く": "ku", "け": "ke", "こ": "ko",
+    "さ": "sa", "し": "shi", "す": "su", "せ": "se", "そ": "so", "た": "ta", "ち": "chi", "つ": "tsu", "て": "te",
+    "と": "to", "な": "na", "に": "ni", "ぬ": "nu", "ね": "ne", "の": "no", "は": "ha", "ひ": "hi", "ふ": "fu",
+    "へ": "he", "ほ": "ho", "ま": "ma", "み": "mi", "む": "mu", "め": "me", "も": "mo", "や": "ya", "ゆ": "yu",
+    "よ": "yo", "ら": "ra", "り": "ri", "る": "ru", "れ": "re", "ろ": "ro", "わ": "wa", "ゐ": "i (old wi)",
+    "ゑ": "e (old we)", "を": "o (wo)", "ん": "n", "ゝ": "repeat mark",
+}

@@ -35,6 +35,7 @@ def spinal_layer(in_features: int, width: int, dropout: float) -> nn.Sequential:
 class SpinalVGG(nn.Module):
     pixel_mean: torch.Tensor  # buffers, registered in __init__
     pixel_std: torch.Tensor
+    temperature: torch.Tensor
 
     def __init__(
         self,
@@ -43,6 +44,7 @@ class SpinalVGG(nn.Module):
         dropout: float = 0.5,
         pixel_mean: float = 0.0,
         pixel_std: float = 1.0,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -55,6 +57,9 @@ class SpinalVGG(nn.Module):
         # Not trainable, but saved in the state_dict and exported to ONNX with the weights.
         self.register_buffer("pixel_mean", torch.tensor(float(pixel_mean)))
         self.register_buffer("pixel_std", torch.tensor(float(pixel_std)))
+        # Calibration (pipeline.trust): logits are divided by it; 1 while training. Not in the state_dict
+        # (a constructor argument in the bundle), so checkpoints and the refit's start weights ignore it.
+        self.register_buffer("temperature", torch.tensor(float(temperature)), persistent=False)
 
         blocks, in_channels = [], IN_CHANNELS
         for widths in CONV_BLOCKS:
@@ -82,7 +87,14 @@ class SpinalVGG(nn.Module):
         for index, layer in enumerate(self.spinal):
             half = a if index % 2 == 0 else b  # A, B, A, B: the input arrives gradually
             outputs.append(layer(torch.cat([half, outputs[-1]], dim=1) if outputs else half))
-        return self.head(torch.cat(outputs, dim=1))
+        return self.head(torch.cat(outputs, dim=1)) / self.temperature
+
+    def calibrate(self, temperature: float) -> SpinalVGG:
+        """Bake a fitted temperature into the model (PyTorch, then ONNX, give calibrated logits)."""
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature.fill_(float(temperature))
+        return self
 
     def config(self) -> dict[str, float | int]:
         """Plain constructor arguments (for the model bundle and rebuilding the network)."""
@@ -92,6 +104,7 @@ class SpinalVGG(nn.Module):
             "dropout": self.dropout,
             "pixel_mean": float(self.pixel_mean),
             "pixel_std": float(self.pixel_std),
+            "temperature": float(self.temperature),
         }
 
 

@@ -176,6 +176,10 @@ class EvaluateSettings(_Section):
     tta: bool
     tta_rotations_deg: list[float]
     worst_examples: PositiveInt
+    # Fitted by the train stage on validation, reported by evaluate (pipeline.trust): the accuracy the
+    # "confident" answers must keep, and the share of real kana allowed to be called "not a kana".
+    answered_accuracy: Fraction
+    ood_false_alarm: Fraction
 
 
 class RegistrySettings(_Section):

@@ -79,7 +79,7 @@ class HostModel:
 
         from pipeline.config import load_settings
         from pipeline.contract import CLASSMAP_FILE, ONNX_FILE, load_classmap, onnx_session
-        from serving.imaging import ImageLimits
+        from pipeline.imaging import ImageLimits
 
         try:
             model = bentoml.models.get(tag)
@@ -96,7 +96,7 @@ class HostModel:
 
     def probabilities(self, data: bytes) -> np.ndarray:
         from pipeline.contract import ONNX_INPUT, ONNX_OUTPUT, softmax
-        from serving.imaging import load_glyph
+        from pipeline.imaging import load_glyph
 
         images = load_glyph(data, self.limits).astype(np.float32)[None, None]
         (logits,) = self.session.run([ONNX_OUTPUT], {ONNX_INPUT: images})
@@ -109,8 +109,8 @@ def check_predictions(where: str, got: Any, expected: np.ndarray, model: HostMod
         raise CheckFailed(f"{where}: expected a list of {top_k} predictions, got {got!r}")
     previous = float("inf")
     for rank, entry in enumerate(got):
-        if not isinstance(entry, dict) or set(entry) != {"index", "char", "codepoint", "probability"}:
-            raise CheckFailed(f"{where}[{rank}]: expected index/char/codepoint/probability, got {entry!r}")
+        if not isinstance(entry, dict) or set(entry) != {"index", "char", "codepoint", "reading", "probability"}:
+            raise CheckFailed(f"{where}[{rank}]: expected index/char/codepoint/reading/probability, got {entry!r}")
         index, probability = entry["index"], entry["probability"]
         if not (isinstance(index, int) and 0 <= index < len(model.classes)):
             raise CheckFailed(f"{where}[{rank}]: class index {index!r} outside 0..{len(model.classes) - 1}")

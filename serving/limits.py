@@ -8,8 +8,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.imaging import ImageLimits
 from serving.errors import RequestRejected
-from serving.imaging import ImageLimits
 
 JSON = "application/json"
 # Room for multipart boundaries, part headers and small form fields on top of the image bytes.

@@ -27,17 +27,19 @@ import numpy as np
 from pipeline.contract import (
     CLASSMAP_FILE,
     GLYPH_SIDE,
+    META_FILE,
     ONNX_FILE,
     ONNX_INPUT,
     ONNX_OUTPUT,
     ClassMap,
     DataError,
+    Trust,
     load_classmap,
     onnx_session,
-    softmax,
 )
 from pipeline.files import write_json
 from serving.batcher import MicroBatcher
+from serving.verdicts import load_trust
 
 log = logging.getLogger("kuzushiji.service")
 MARKER_ENV = "KUZUSHIJI_RELOAD_MARKER"  # a path shared by every worker that should follow a reload
@@ -69,6 +71,7 @@ class ServedModel:
     info: dict[str, Any]
     classmap: ClassMap
     batcher: MicroBatcher
+    trust: Trust | None = None  # the confident / in_domain thresholds of its meta.json (serving/verdicts.py)
     active: int = 0  # requests between admission to the batcher and their answer
     retired: bool = False
 
@@ -82,10 +85,10 @@ class ServedModel:
 
 
 def classify(session: Any, glyphs: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) glyphs -> float32 (N, classes) softmax probabilities."""
+    """uint8 (N, 28, 28) glyphs -> float32 (N, classes) calibrated logits (the temperature is in the graph)."""
     images = glyphs.astype(np.float32)[:, None]  # raw 0..255; the model normalises inside
     (logits,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: images})
-    return softmax(logits)
+    return logits
 
 
 def model_info(stored: Any, source: str) -> dict[str, Any]:
@@ -148,13 +151,14 @@ def load_model(tag: str, *, source: str, threads: int, max_batch: int,
     _check_signature(session, tag, len(classmap))
     engine = partial(classify, session)
     try:  # warm-up: allocate once, now, and see the real output
-        probabilities = engine(np.zeros((WARMUP_ROWS, GLYPH_SIDE, GLYPH_SIDE), dtype=np.uint8))
+        logits = engine(np.zeros((WARMUP_ROWS, GLYPH_SIDE, GLYPH_SIDE), dtype=np.uint8))
     except Exception as exc:
         raise ModelRejected(f"model {tag}: a test run failed ({str(exc)[:300]})") from None
-    if probabilities.shape != (WARMUP_ROWS, len(classmap)) or not np.isfinite(probabilities).all():
-        raise ModelRejected(f"model {tag}: a test run gave {probabilities.shape} outputs (finite: "
-                            f"{bool(np.isfinite(probabilities).all())}); ({WARMUP_ROWS}, {len(classmap)}) expected")
-    return ServedModel(tag, model_info(stored, source), classmap, MicroBatcher(engine, max_batch, on_batch))
+    if logits.shape != (WARMUP_ROWS, len(classmap)) or not np.isfinite(logits).all():
+        raise ModelRejected(f"model {tag}: a test run gave {logits.shape} outputs (finite: "
+                            f"{bool(np.isfinite(logits).all())}); ({WARMUP_ROWS}, {len(classmap)}) expected")
+    return ServedModel(tag, model_info(stored, source), classmap, MicroBatcher(engine, max_batch, on_batch),
+                       load_trust(Path(stored.path_of(META_FILE))))
 
 
 def marker_path(server_pid: int | None = None) -> Path:

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.contract import ClassMap
+from pipeline.contract import READINGS, ClassMap
+from pipeline.imaging import BlankImageError, ImageError, ImageLimits, load_glyph, pixel_count
 from serving.errors import RequestRejected
-from serving.imaging import ImageError, ImageLimits, load_glyph, pixel_count
 from serving.limits import JSON, RequestLimits, media_type
 from serving.multipart import PartLimits, parse_multipart
 
@@ -230,7 +230,7 @@ def decode_glyphs(uploads: Sequence[Upload], limits: ImageLimits, batch: bool) -
             name = f" ({upload.filename})" if upload.filename else ""
             raise RequestRejected(
                 422,
-                "invalid_image",
+                "blank_image" if isinstance(exc, BlankImageError) else "invalid_image",
                 f"{where}{name}: {exc}",
                 **({"field": BATCH_FIELD, "index": index} if batch else {"field": SINGLE_FIELD}),
             ) from None
@@ -245,6 +245,7 @@ def top_classes(probabilities: np.ndarray, k: int, classmap: ClassMap) -> list[d
             "index": int(i),
             "char": classmap.chars[i],
             "codepoint": classmap.codepoints[i],
+            "reading": READINGS.get(classmap.chars[i]),
             "probability": float(probabilities[i]),
         }
         for i in order

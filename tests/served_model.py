@@ -21,14 +21,18 @@ import numpy as np
 import torch
 import yaml
 
+from pipeline.contract import TRUST_KEY
 from pipeline.data import OFFICIAL_CLASSMAPS
 from pipeline.export import export_onnx
 from pipeline.model import SpinalVGG
 from pipeline.synthetic import render_glyph
+from pipeline.training.bundle import predict_logits
+from pipeline.trust.calibration import TrustFit, fit_trust
 from tests.support import PROJECT_ROOT, background_process, free_port
 
 TRAIN_CLASSES = 10  # the first K49 classes: あ い う え お か き く け こ
 PER_CLASS = 40
+VAL_PER_CLASS = 20  # rendered glyphs the temperature and thresholds are fitted on
 EPOCHS = 5
 REGISTRY_VERSION = "7"  # what /version and X-Model-Version must report
 # The limits of the one server the service and page tests share (tests/conftest.py): small, so that
@@ -71,10 +75,12 @@ def train_tiny_model(out: Path) -> list[str]:
             torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
             optimizer.step()
     model.eval()
+    trust = _calibrate(model, chars, rng)
     export_onnx(model, out / "model.onnx", images[:4].astype(np.float32)[:, None])
     rows = [f"{i},{cp},{ch}" for i, (cp, ch) in enumerate(zip(codepoints, chars, strict=True))]
     (out / "classmap.csv").write_text("index,codepoint,char\n" + "\n".join(rows) + "\n", encoding="utf-8")
-    (out / "meta.json").write_text(json.dumps({"dataset": "synthetic", "run_id": "test"}), encoding="utf-8")
+    meta = {"dataset": "synthetic", "run_id": "test", TRUST_KEY: trust.as_meta()}
+    (out / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     return chars
 
 
@@ -87,6 +93,16 @@ def store_bundle(folder: Path, registry_version: str, env: dict[str, str]) -> st
         cwd=PROJECT_ROOT, env={**os.environ, **env}, capture_output=True, text=True, check=True,
     )
     return store.stdout.strip().splitlines()[-1]
+
+
+def _calibrate(model: SpinalVGG, chars: list[str], rng: np.random.Generator) -> TrustFit:
+    """Temperature and thresholds fitted on freshly rendered glyphs (the pipeline's fit), baked in."""
+    labels = np.repeat(np.arange(TRAIN_CLASSES), VAL_PER_CLASS)
+    images = np.stack([render_glyph(chars[label], rng) for label in labels])
+    logits = predict_logits(model, images, batch_size=256)
+    trust = fit_trust(logits, labels, answered_accuracy=0.995, ood_false_alarm=0.01)
+    model.calibrate(trust.temperature)
+    return trust
 
 
 @contextmanager

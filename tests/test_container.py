@@ -148,14 +148,15 @@ def test_checker_accepts_a_true_top_k_and_rejects_wrong_answers() -> None:
     """The answer check itself can fail: order, probabilities, class names and left-out classes."""
     check = _checker()
     expected = np.array([0.2, 0.7, 0.1])
-    good = [{"index": 1, "char": "い", "codepoint": "U+3044", "probability": 0.7},
-            {"index": 0, "char": "あ", "codepoint": "U+3042", "probability": 0.2}]
+    good = [{"index": 1, "char": "い", "codepoint": "U+3044", "reading": "i", "probability": 0.7},
+            {"index": 0, "char": "あ", "codepoint": "U+3042", "reading": "a", "probability": 0.2}]
     check.check_predictions("ok", good, expected, _Classes(), top_k=2)
     wrong = {
         "order": good[::-1],
         "probability": [{**good[0], "probability": 0.6}, good[1]],
         "class name": [{**good[0], "char": "あ"}, good[1]],
-        "not the top-k": [good[0], {"index": 2, "char": "う", "codepoint": "U+3046", "probability": 0.1}],
+        "not the top-k": [good[0], {"index": 2, "char": "う", "codepoint": "U+3046", "reading": "u",
+                                    "probability": 0.1}],
         "length": good[:1],
     }
     for what, answer in wrong.items():

@@ -127,9 +127,10 @@ def test_evaluate_stage_end_to_end(
     download.run(settings)
     classmap = data.load_classmap(settings.path("raw") / "k49_classmap.csv")
     torch.manual_seed(0)
-    model = SpinalVGG(len(classmap), spinal_width=8, dropout=0.5, pixel_mean=0.2, pixel_std=0.3)
+    model = SpinalVGG(len(classmap), spinal_width=8, dropout=0.5, pixel_mean=0.2, pixel_std=0.3).calibrate(2.0)
     models = settings.path("models")
-    save_bundle(models / BUNDLE_FILE, model, {"classes": list(classmap.chars)})
+    trust = {"temperature": 2.0, "confidence_threshold": 0.5, "ood_threshold": 1.0}
+    save_bundle(models / BUNDLE_FILE, model, {"classes": list(classmap.chars), "trust": trust})
     with tracking.start_run(settings, "train") as active:
         pass
     (models / TRAIN_RUN_FILE).write_text(json.dumps({"run_id": active.info.run_id}), encoding="utf-8")
@@ -150,11 +151,24 @@ def test_evaluate_stage_end_to_end(
     assert recomputed == pytest.approx(metrics["test_balanced_accuracy"], abs=1e-6)
     per_class = pd.read_csv(reports / "eval" / "per_class.csv")
     assert per_class["char"].tolist() == list(classmap.chars) and per_class["support"].sum() == len(test)
-    for name in ("confusion_matrix.png", "per_class_recall.png", "worst_errors.png"):
+    for name in ("confusion_matrix.png", "per_class_recall.png", "worst_errors.png", "reliability_diagram.png",
+                 "risk_coverage.png"):
         assert_png(reports / "figures" / name)
+    # Trust (pipeline.trust.report): calibration before/after, the thresholds at work, non-kana sets.
+    assert metrics["test_temperature"] == 2.0
+    assert {"test_ece", "test_ece_uncalibrated", "test_nll", "test_nll_uncalibrated", "test_coverage_at_target",
+            "test_ood_false_alarm", "ood_auroc_sklearn_digits", "ood_auroc_latin_letters",
+            "ood_detected_noise"} <= set(metrics)
+    assert 0.0 <= metrics["test_ece"] <= 1.0 and 0.0 <= metrics["ood_auroc_kanji"] <= 1.0
+    reliability = pd.read_csv(reports / "eval" / "reliability.csv")
+    assert set(reliability["model"]) == {"calibrated", "uncalibrated"} and reliability["count"].sum() == 2 * len(test)
+    curve = pd.read_csv(reports / "eval" / "risk_coverage.csv")
+    assert curve["coverage"].iloc[-1] == 1.0 and curve["coverage"].is_monotonic_increasing
 
     run = mlflow.MlflowClient(tracking.tracking_uri(settings)).get_run(active.info.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["test_balanced_accuracy"] == pytest.approx(metrics["test_balanced_accuracy"])
+    assert run.data.metrics["test_ece"] == pytest.approx(metrics["test_ece"])
+    assert run.data.metrics["ood_auroc_sklearn_digits"] == pytest.approx(metrics["ood_auroc_sklearn_digits"])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(active.info.run_id, "figures")}
     assert "figures/confusion_matrix.png" in artifacts

@@ -1,4 +1,4 @@
-"""serving.imaging: uploads of any kind become dataset-like 28x28 glyphs; bad ones get clear errors."""
+"""pipeline.imaging: uploads of any kind become dataset-like 28x28 glyphs; bad ones get clear errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.imaging import GLYPH_SIDE, ImageError, ImageLimits, decode_gray, load_glyph, to_glyph
+from pipeline.imaging import GLYPH_SIDE, ImageError, ImageLimits, decode_gray, load_glyph, to_glyph
 from tests import bad_inputs
 
 LIMITS = ImageLimits(max_bytes=5_000_000, max_pixels=16_000_000)
@@ -142,7 +142,7 @@ def test_blank_images_are_refused_at_every_size(side, level):
 
 
 def test_pixel_count_reads_the_header_only():
-    from serving.imaging import pixel_count
+    from pipeline.imaging import pixel_count
 
     assert pixel_count(bad_inputs.huge_png(4000, 4000)) == 16_000_000
     assert pixel_count(b"not an image") == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,7 +35,8 @@ def test_build_model_reads_settings_and_outputs_logits_per_class(make_settings):
     model = build_model(settings, 49, pixel_mean=0.2, pixel_std=0.35).eval()
     assert count_parameters(model) == K49_PARAMETERS
     assert model.config() == {"num_classes": 49, "spinal_width": 128, "dropout": 0.3,
-                              "pixel_mean": pytest.approx(0.2), "pixel_std": pytest.approx(0.35)}
+                              "pixel_mean": pytest.approx(0.2), "pixel_std": pytest.approx(0.35),
+                              "temperature": 1.0}
     with torch.no_grad():
         assert model(raw_batch(3)).shape == (3, 49)
 
@@ -82,3 +84,29 @@ def test_forward_normalises_raw_pixels_inside():
 def test_invalid_arguments_are_rejected(bad):
     with pytest.raises(ValueError):
         SpinalVGG(**bad)
+
+
+def test_a_baked_temperature_divides_the_logits_in_pytorch_onnx_and_the_bundle(tmp_path):
+    """Calibration lives in the model: the bundle and the ONNX export give the same calibrated logits."""
+    from pipeline.export import export_onnx
+    from pipeline.training.bundle import load_bundle, save_bundle
+
+    torch.manual_seed(0)
+    model = SpinalVGG(10, spinal_width=16).eval()
+    x = torch.rand(4, 1, 28, 28) * 255
+    with torch.no_grad():
+        raw = model(x)
+        model.calibrate(2.5)
+        calibrated = model(x)
+    torch.testing.assert_close(calibrated, raw / 2.5)
+    assert "temperature" not in model.state_dict()  # the refit's start weights and checkpoints ignore it
+    loaded, _ = load_bundle(save_bundle(tmp_path / "model.pt", model, {}))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), calibrated)
+    path = export_onnx(model, tmp_path / "model.onnx", x.numpy())  # verified against PyTorch inside
+    from pipeline.contract import onnx_session
+
+    (onnx_logits,) = onnx_session(path).run(["logits"], {"images": x.numpy()})
+    np.testing.assert_allclose(onnx_logits, raw.numpy() / 2.5, atol=1e-4)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        model.calibrate(0.0)

@@ -20,7 +20,7 @@ from PIL import Image
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from pipeline.contract import load_classmap
-from serving.imaging import ImageLimits, load_glyph
+from pipeline.imaging import ImageLimits, load_glyph
 from tests.served_model import REGISTRY_VERSION
 from tests.support import PROJECT_ROOT
 from tests.test_container import _checker
@@ -37,6 +37,9 @@ PAGE_DIR = PROJECT_ROOT / "page"
 PAGE_MAX_BYTES = 40_000  # the whole page (HTML + CSS + JS) stays small
 ANSWER_TIMEOUT_MS = 60_000  # a busy 2-core machine
 LIMITS = ImageLimits(max_bytes=10**8, max_pixels=10**8)
+NOT_A_KANA = "This does not look like one of the 10 kana"  # the tiny model knows 10 classes
+# A 4 written in two strokes: a digit, not a kana (the tiny model scores it under its in-domain threshold).
+FOUR = [[(0.6, 0.2), (0.3, 0.6), (0.75, 0.6)], [(0.6, 0.35), (0.6, 0.85)]]
 # Two strokes like こ, in pad fractions: what a person writes, at the pad's scale.
 KO = [[(0.30, 0.30), (0.50, 0.27), (0.70, 0.28), (0.62, 0.38)],
       [(0.25, 0.66), (0.40, 0.75), (0.60, 0.76), (0.78, 0.70)]]
@@ -266,14 +269,50 @@ def test_undo_clear_and_an_empty_pad_by_keyboard(page, server):
     page.keyboard.press("Escape")
     blank = _pad_png(page)
     assert blank == _pad_png_blank(page)
-    page.keyboard.press("Enter")  # reads the (empty) pad: the service says why it cannot
-    error = page.locator("#error .message")
-    error.wait_for()
+    page.keyboard.press("Enter")  # reads the (empty) pad: "not a kana", with the service's reason
+    verdict = page.locator("#verdict.outside")
+    verdict.wait_for()
     expected = server["client"].post("/predict", files={"image": ("drawing.png", blank, "image/png")})
-    assert expected.status_code == 422
-    assert error.inner_text() == expected.json()["error"]["message"]
-    assert "no visible strokes" in error.inner_text()
-    assert page.locator("#result").is_hidden()
+    assert expected.status_code == 422 and expected.json()["error"]["code"] == "blank_image"
+    assert verdict.inner_text() == f"{NOT_A_KANA}: {expected.json()['error']['message']}"
+    assert "no visible strokes" in verdict.inner_text()
+    assert page.locator("#result").is_hidden() and page.locator("#error").is_hidden()
+
+
+def test_a_drawn_digit_is_not_a_kana_and_a_drawn_kana_reads_with_its_reading(page, server):
+    """The page words the service's verdicts: "not a kana" for a 4, the guesses still listed and none of
+    them bold; for こ its reading. Each checked against the API's answer for the same pad bytes."""
+    page.locator("#live").uncheck()
+    _draw(page, FOUR)
+    page.locator("#read").click()
+    verdict = page.locator("#verdict.outside")
+    verdict.wait_for()
+    api = _api_answer(server, _pad_png(page))
+    assert api["in_domain"] is False and api["confident"] is False
+    assert verdict.inner_text() == f"{NOT_A_KANA}: {api['reason']}."
+    assert page.locator("#top").get_attribute("class") == "scores tentative"
+    assert len(page.locator("#top li").all()) == len(api["predictions"])  # the guesses stay
+
+    page.keyboard.press("Escape")
+    assert page.locator("#verdict").is_hidden()
+    _draw(page, KO)
+    page.locator("#read").click()
+    page.wait_for_selector("#verdict:not([hidden])")
+    api = _api_answer(server, _pad_png(page))
+    first = api["predictions"][0]
+    assert page.locator("#top li").first.locator(".reading").inner_text() == first["reading"]
+    if api["confident"]:
+        assert page.locator("#verdict").inner_text() == f"It reads {first['char']} ({first['reading']})"
+    else:
+        guesses = ", ".join(f"{p['char']} ({p['reading']})" for p in api["predictions"])
+        assert page.locator("#verdict").inner_text() == f"Not sure — the top guesses are {guesses}"
+
+
+def _api_answer(server: dict, png: bytes) -> dict:
+    response = server["client"].post("/predict", files={"image": ("drawing.png", png, "image/png")},
+                                     data={"top_k": "5"})  # what the page asks for
+    assert response.status_code == 200, response.text
+    return response.json()
 
 
 def _pad_png_blank(page: Page) -> bytes:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.feedback_store import FeedbackStore, store_url
-from serving.imaging import load_glyph
+from pipeline.imaging import load_glyph
 from tests.test_page import KO, LIMITS, _draw, _pad_png, _settled, browser, page, server  # noqa: F401
 
 pytestmark = pytest.mark.slow

@@ -14,9 +14,9 @@ import pytest
 from bentoml.exceptions import BentoMLException
 
 from pipeline.contract import ClassMap
+from pipeline.imaging import ImageLimits
 from serving.batcher import MicroBatcher
 from serving.errors import RequestRejected
-from serving.imaging import ImageLimits
 from serving.limits import ByteBudget, RequestLimits, body_limit, declared_length
 from serving.requests import (
     Upload,

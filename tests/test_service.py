@@ -17,7 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
+from pipeline.contract import READINGS, Trust, onnx_session
+from pipeline.imaging import ImageLimits, load_glyph
 from tests import bad_inputs
 from tests.served_model import SHARED_LIMITS, TRAIN_CLASSES
 from tests.support import PROJECT_ROOT
@@ -43,18 +46,59 @@ def test_predict_returns_the_documented_shape(server):
     response = server["client"].post("/predict", files={"image": ("a.png", _png("あ"), "image/png")})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"model_version", "predictions"}
+    assert set(body) <= {"model_version", "confident", "in_domain", "reason", "predictions"}
+    assert {"model_version", "confident", "in_domain", "predictions"} <= set(body)
     assert body["model_version"] == "7"
     assert response.headers["x-model-version"] == "7"
     assert response.headers["x-bento-model"] == server["tag"]
     predictions = body["predictions"]
     assert len(predictions) == TOP_K  # serve.top_k from the params file
     for item in predictions:
-        assert set(item) == {"index", "char", "codepoint", "probability"}
+        assert set(item) == {"index", "char", "codepoint", "reading", "probability"}
         assert server["chars"][item["index"]] == item["char"]
+        assert item["reading"] == READINGS[item["char"]]
         assert item["codepoint"] == f"U+{ord(item['char']):04X}"
     probabilities = [item["probability"] for item in predictions]
     assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1.0 + 1e-6
+
+
+def test_answers_say_whether_they_are_sure_and_whether_the_image_is_a_kana(server):
+    """The verdicts are the model's thresholds (meta.json) applied to its calibrated ONNX logits, for kana
+    and for images that are none (noise, a digit); each batch entry carries its own."""
+    work = server["work"]
+    trust = Trust.from_meta(json.loads((work / "meta.json").read_text(encoding="utf-8")))
+    assert trust is not None and trust.temperature > 0
+    session = onnx_session(work / "model.onnx")
+    rng = np.random.default_rng(0)
+    noise = bad_inputs.encode(Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)))
+    images = {"a.png": _png("あ"), "ko.png": _png("こ"), "seven.png": _png("7"), "noise.png": noise}
+    files = [("images", (name, data, "image/png")) for name, data in images.items()]
+    batch = server["client"].post("/predict_batch", files=files)
+    assert batch.status_code == 200, batch.text
+    seen = set()
+    for (name, data), result in zip(images.items(), batch.json()["results"], strict=True):
+        glyph = load_glyph(data, ImageLimits(10**7, 10**7)).astype(np.float32)[None, None]
+        (logits,) = session.run(["logits"], {"images": glyph})
+        expected = trust.judge(logits)[0]
+        single = server["client"].post("/predict", files={"image": (name, data, "image/png")}).json()
+        for answer in (result, single):
+            assert {key: answer.get(key) for key in ("confident", "in_domain")} == \
+                {key: expected[key] for key in ("confident", "in_domain")}, name
+            assert ("reason" in answer) == (not answer["in_domain"]), answer
+            assert len(answer["predictions"]) == TOP_K  # the top guesses stay available
+        seen.add(result["in_domain"])
+    assert seen == {True, False}, "one kana and one non-kana at least, or the test shows nothing"
+
+
+def test_the_new_fields_are_in_the_openapi_schema(server):
+    spec = server["client"].get("/docs.json").json()
+    text = json.dumps(spec)
+    schemas = spec["components"]["schemas"]
+    with_verdicts = [name for name, schema in schemas.items()
+                     if {"confident", "in_domain", "reason", "predictions"} <= set(schema.get("properties", {}))]
+    assert len(with_verdicts) >= 2, sorted(schemas)  # /predict's answer and each /predict_batch result
+    assert any("reading" in schema.get("properties", {}) for schema in schemas.values()), sorted(schemas)
+    assert "not sure" in text and "kana the model knows" in text
 
 
 def test_top_k_option(server):
@@ -178,7 +222,7 @@ def test_bento_builds_without_mlflow_or_torch(server, tmp_path):
     assert packed_models == {server["tag"]}  # both services reference the one stored model
     src = bentos[0].parent / "src"
     packed = sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
-    assert "service.py" in packed and "serving/imaging.py" in packed and "params.yaml" in packed
+    assert "service.py" in packed and "pipeline/imaging.py" in packed and "params.yaml" in packed
     assert {"page/index.html", "page/page.js", "page/page.css", "page/docs.html"} <= set(packed)  # the page at /
     assert {"page/feedback.js", "pipeline/feedback_store.py", "pipeline/databases.py"} <= set(packed)  # /feedback
     assert not any(name.startswith(("pipeline/train", "pipeline/model", "tests/")) for name in packed)

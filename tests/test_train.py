@@ -350,6 +350,17 @@ def test_train_stage_writes_outputs_and_tracks_the_run(make_settings, monkeypatc
     assert len(history) == 3
     model, meta = load_bundle(models / "model.pt")
     assert meta["classes"][0] == "あ" and meta["model"]["num_classes"] == 49
+    # Calibration fitted on the validated model's validation logits, baked into the exported model.
+    trust = json.loads((models / "meta.json").read_text())["trust"]
+    assert trust == meta["trust"] and trust["val_images"] == 49 * 1
+    assert meta["model"]["temperature"] == pytest.approx(trust["temperature"]) and trust["temperature"] > 0
+    assert 0.0 <= trust["confidence_threshold"] <= 1.0 and metrics["val_temperature"] == trust["temperature"]
+    from pipeline.contract import onnx_session
+
+    example = np.random.default_rng(0).integers(0, 256, (3, 1, 28, 28)).astype(np.float32)
+    (onnx_logits,) = onnx_session(models / "model.onnx").run(["logits"], {"images": example})
+    with torch.no_grad():
+        np.testing.assert_allclose(onnx_logits, model(torch.from_numpy(example)).numpy(), atol=1e-4)
 
     run_info = json.loads((models / "train_run.json").read_text())
     assert run_info["run_id"] == result["run_id"]
@@ -362,6 +373,7 @@ def test_train_stage_writes_outputs_and_tracks_the_run(make_settings, monkeypatc
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_balanced_accuracy")] == [1, 2]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "refit_train_loss")] == [1, 2]
     assert "refit_val_balanced_accuracy" not in run.data.metrics  # the refit has nothing held out
+    assert run.data.metrics["val_temperature"] == pytest.approx(trust["temperature"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"reports", "figures"} <= artifacts
     # MLflow 3 keeps models as LoggedModels linked to the run, not as run artifacts: the served ONNX export

@@ -15,8 +15,9 @@ from sklearn import metrics as skm
 from tqdm.auto import tqdm
 
 from pipeline.config import Settings
-from pipeline.contract import BUNDLE_FILE, TRAIN_RUN_FILE, TrainRun, softmax
+from pipeline.contract import BUNDLE_FILE, TRAIN_RUN_FILE, TrainRun, Trust, softmax
 from pipeline.files import atomic_path, write_json
+from pipeline.trust.report import plot_trust, trust_metrics, write_curves
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ def plot_worst_errors(images: np.ndarray, y_true: np.ndarray, probs: np.ndarray,
 def run(settings: Settings) -> dict[str, Any]:
     """Evaluate stage: predict the test split, write metrics/reports/figures, log them to the train run."""
     from pipeline import data, tracking
-    from pipeline.training.bundle import load_bundle, select_device
+    from pipeline.training.bundle import load_bundle, predict_logits, select_device
 
     models = settings.path("models")
     model, meta = load_bundle(models / BUNDLE_FILE)
@@ -236,11 +237,14 @@ def run(settings: Settings) -> dict[str, Any]:
     cfg = settings.evaluate
     rotations = list(cfg.tta_rotations_deg) if cfg.tta else [0.0]
     device = select_device(settings.train.device)
-    probs = predict_proba(model, test.images, cfg.batch_size, device, rotations)
+    logits = predict_logits(model, test.images, cfg.batch_size, device)  # calibrated: T is in the model
+    probs = predict_proba(model, test.images, cfg.batch_size, device, rotations) if cfg.tta else softmax(logits)
     y_true, y_pred = test.labels, probs.argmax(axis=1)
 
     summary = summarize(y_true, y_pred, num_classes)
     summary["tta_views"] = len(rotations)
+    trust = Trust.from_meta(meta)
+    summary.update(_trust_metrics(settings, model, device, logits, y_true, trust))
     recall, support = per_class_recall(y_true, y_pred, num_classes)
     matrix = confusion(y_true, y_pred, num_classes)
 
@@ -254,7 +258,9 @@ def run(settings: Settings) -> dict[str, Any]:
     predictions_path = _write_csv(eval_dir / PREDICTIONS_FILE, pd.DataFrame({
         "actual": [chars[i] for i in y_true], "predicted": [chars[i] for i in y_pred],
     }))
+    curves = write_curves(logits, y_true, trust, eval_dir)
     figures = [
+        *plot_trust(logits, y_true, trust, summary, figures_dir),
         plot_confusion(matrix, chars, figures_dir / CONFUSION_FIGURE),
         plot_per_class_recall(recall, support, chars, summary["test_balanced_accuracy"],
                               figures_dir / RECALL_FIGURE),
@@ -263,11 +269,24 @@ def run(settings: Settings) -> dict[str, Any]:
 
     with tracking.start_run(settings, "evaluate", run_id=run_id):
         tracking.log_metrics({key: value for key, value in summary.items() if key != "n_test"})
-        tracking.log_files([metrics_path, per_class_path, predictions_path], EVAL_ARTIFACT)
+        tracking.log_files([metrics_path, per_class_path, predictions_path, *curves], EVAL_ARTIFACT)
         tracking.log_files(figures, FIGURES_ARTIFACT)
     log.info("test metrics: %s", summary)
     return {**summary, "run_id": run_id, "metrics": str(metrics_path),
             "figures": [str(path) for path in figures]}
+
+
+def _trust_metrics(settings: Settings, model: Any, device: Any, logits: np.ndarray, labels: np.ndarray,
+                   trust: Trust | None) -> dict[str, float]:
+    """Calibration on the test split, and the non-kana sets through the same model (pipeline.trust)."""
+    from pipeline.training.bundle import predict_logits
+    from pipeline.trust.nonkana import nonkana_sets
+
+    outliers = {} if trust is None else {
+        name: predict_logits(model, images, settings.evaluate.batch_size, device)
+        for name, images in nonkana_sets(settings.seed).items()
+    }
+    return trust_metrics(logits, labels, trust, outliers)
 
 
 def _write_csv(path: Path, frame: pd.DataFrame) -> Path:

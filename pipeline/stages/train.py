@@ -26,19 +26,21 @@ from pipeline.contract import (
     ONNX_INPUT,
     ONNX_OUTPUT,
     TRAIN_RUN_FILE,
+    TRUST_KEY,
     TrainRun,
     read_best_params,
 )
 from pipeline.data import CLASSMAP_NAME
 from pipeline.files import write_json
 from pipeline.model import count_parameters
-from pipeline.training.bundle import save_bundle
+from pipeline.training.bundle import predict_logits, save_bundle, select_device
 from pipeline.training.checkpoint import fingerprint
 from pipeline.training.inputs import TrainingInputs, load_training_inputs
 from pipeline.training.loop import fit
 from pipeline.training.records import EpochMetrics, TrainResult
 from pipeline.training.refit import model_epochs, refit
 from pipeline.training.report import plot_augmented_samples, plot_training_curves, write_history
+from pipeline.trust.calibration import TrustFit, fit_trust
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +80,19 @@ def run(settings: Settings) -> dict[str, Any]:
             tracking.log_dataset(settings, {"train": len(inputs.train), "val": len(inputs.val)})
         result = fit(settings, inputs.train, inputs.val, inputs.num_classes, inputs.pixel_mean,
                      inputs.pixel_std, callbacks=[_log_epoch("")], checkpoint_path=checkpoint)
+        trust = _fit_trust(settings, result.model, inputs)  # before the refit sees the validation images
         runs = [result]  # the validated run, then the refit when there is one: the last is exported
         if settings.train.refit:
             runs.append(refit(settings, result, inputs, callbacks=[_log_epoch("refit_")],
                               checkpoint_path=settings.path("checkpoints") / REFIT_CHECKPOINT_FILE))
         summary = _summary(settings, inputs, runs)
-        outputs = _write_model(settings, inputs, runs[-1].model, _meta(settings, inputs, result,
-                                                                        active.info.run_id))
+        meta = _meta(settings, inputs, result, active.info.run_id)
+        if trust is not None:
+            runs[-1].model.calibrate(trust.temperature)
+            meta[TRUST_KEY] = trust.as_meta()
+            summary.update({f"val_{key}": value for key, value in trust.as_meta().items()
+                            if key in ("temperature", "confidence_threshold", "ood_threshold")})
+        outputs = _write_model(settings, inputs, runs[-1].model, meta)
         _write_reports(settings, inputs, runs, summary)
         record = TrainRun(active.info.run_id, active.info.experiment_id,
                           tracking.redact(tracking.tracking_uri(settings)))
@@ -94,6 +102,21 @@ def run(settings: Settings) -> dict[str, Any]:
     checkpoint.with_name(REFIT_CHECKPOINT_FILE).unlink(missing_ok=True)
     run_marker.unlink(missing_ok=True)
     return {**summary, **asdict(record), **outputs}
+
+
+def _fit_trust(settings: Settings, model: Any, inputs: TrainingInputs) -> TrustFit | None:
+    """Temperature and thresholds from the validated model's validation logits: the one split held out from
+    the model that chose the epoch. The refit's model gets them too: it never had a held-out split of its
+    own, and its test figures (evaluate) show how well they carry over."""
+    if not len(inputs.val):
+        log.warning("no validation images: the model ships uncalibrated, without confidence thresholds")
+        return None
+    logits = predict_logits(model, inputs.val.images, settings.evaluate.batch_size,
+                            select_device(settings.train.device))
+    fitted = fit_trust(logits, inputs.val.labels, settings.evaluate.answered_accuracy,
+                       settings.evaluate.ood_false_alarm)
+    log.info("calibration on %d validation images: %s", len(inputs.val), fitted.as_meta())
+    return fitted
 
 
 def _log_epoch(prefix: str):
@@ -172,6 +195,7 @@ def _write_reports(settings: Settings, inputs: TrainingInputs, runs: Sequence[Tr
                                      reports_dir / "figures" / "augmented_samples.png")
     tracking.log_epoch(result.best_epoch, {f"best_{key}": value for key, value in result.best.as_dict().items()
                                            if key in ("val_balanced_accuracy", "val_accuracy")})
+    tracking.log_metrics({key: value for key, value in summary.items() if key.startswith("val_")})
     tracking.log_files([history_path, metrics_path], "reports")
     tracking.log_files([curves, samples], "figures")
 

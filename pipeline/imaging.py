@@ -42,6 +42,10 @@ class ImageError(ValueError):
     """The upload cannot be turned into a glyph; the message says what is wrong and what to send."""
 
 
+class BlankImageError(ImageError):
+    """Nothing is drawn (flat or fully transparent): the page reads it as "not a kana", not as a fault."""
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     """Upload limits (from ``serve.max_upload_bytes`` / ``serve.max_pixels``)."""
@@ -151,7 +155,7 @@ def _to_gray(image: Image.Image) -> np.ndarray:
     gray = np.asarray(rgba.convert("L"), dtype=np.float32)
     alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / BYTE_MAX
     if float(alpha.sum()) == 0.0:
-        raise ImageError("the image is fully transparent: nothing is drawn on it")
+        raise BlankImageError("the image is fully transparent: nothing is drawn on it")
     # The background that contrasts with the drawn (opaque) pixels: dark strokes go on white, light
     # strokes on black. Compositing everything on white would erase white strokes, and vice versa.
     ink_level = float((gray * alpha).sum() / alpha.sum())
@@ -168,7 +172,7 @@ def to_glyph(gray: np.ndarray) -> np.ndarray:
         gray = BYTE_MAX - gray  # dark ink on light paper -> the dataset's white-on-black
     background = _border_level(gray)
     if float(gray.max()) - background < MIN_CONTRAST:  # checked before the 28x28 shortcut: blank at any size
-        raise ImageError(
+        raise BlankImageError(
             "the image has no visible strokes (it is blank or a single flat colour): "
             "send an image of one handwritten character"
         )
