@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from benchmarks.real_data import _commit
 from benchmarks.train_throughput import cpu_model_name
@@ -73,10 +74,28 @@ def _uncalibrated_accuracy(settings: Any, meta: dict[str, Any]) -> float:
     return round(float((raw.argmax(axis=1) == test.labels).mean()), 6)
 
 
+def _merged(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(ours)
+    for key, value in theirs.items():
+        nested = isinstance(value, dict) and isinstance(ours.get(key), dict)
+        merged[key] = _merged(ours[key], value) if nested else value
+    return merged
+
+
+def _project_settings(project: Path) -> Any:
+    """The project's params.yaml, with this checkout's defaults for the keys added since it ran."""
+    ours = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
+    theirs = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory() as folder:
+        merged = Path(folder) / "params.yaml"
+        merged.write_text(yaml.safe_dump(_merged(ours, theirs), allow_unicode=True), encoding="utf-8")
+        return load_settings(merged).model_copy(update={"root": project.resolve()})
+
+
 def from_a_project(project: Path, test_dir: Path, answered_accuracy: float, false_alarm: float,
                    seed: int) -> dict[str, Any]:
     """(b): a trained project's model and prepared validation split, and the official test files, in place."""
-    settings = load_settings(project / "params.yaml")
+    settings = _project_settings(project)
     model, meta = load_bundle(settings.path("models") / BUNDLE_FILE)
     val = data.load_prepared(settings, "val")
     test = data.load_official(test_dir, data.local_prefix(test_dir, None)).test
