@@ -53,7 +53,8 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
 # workers each module runs whole on one worker, and the longest first keeps the two workers level.
 LONGEST_FIRST = ("test_real_data.py", "test_pipeline_e2e.py", "test_deployment.py", "test_container.py",
                  "test_scaleout.py", "test_page.py", "test_tune.py", "test_service.py", "test_flows.py",
-                 "test_first_run.py", "test_registry.py", "test_train.py")
+                 "test_hotswap.py", "test_feedback_store.py", "test_retrain.py", "test_first_run.py",
+                 "test_registry.py", "test_train.py", "test_feedback_service.py", "test_page_feedback.py")
 
 
 def pytest_configure(config: pytest.Config) -> None:
