@@ -91,7 +91,8 @@ def test_make_run_uses_one_prefect_server_and_ends_with_a_summary(tmp_path: Path
         assert f"{registry['model_name']} version {registry['version']} (alias {registry['alias']})" in tail
         assert "make serve" in tail and "make mlflow-ui" in tail
         assert f"make prefect-ui  -> http://127.0.0.1:{port}" in tail
-        assert len(tail.splitlines()) <= 12 and max(map(len, tail.splitlines())) < 120
+        assert "trust                   ECE " in tail and "not-a-kana AUROC min " in tail  # issue 22: one line
+        assert len(tail.splitlines()) <= 13 and max(map(len, tail.splitlines())) < 120
 
         second = _make("run", project, env, *variables)
         output = second.stdout + second.stderr
