@@ -170,5 +170,6 @@ def test_evaluate_stage_end_to_end(
     assert run.data.metrics["test_balanced_accuracy"] == pytest.approx(metrics["test_balanced_accuracy"])
     assert run.data.metrics["test_ece"] == pytest.approx(metrics["test_ece"])
     assert run.data.metrics["ood_auroc_sklearn_digits"] == pytest.approx(metrics["ood_auroc_sklearn_digits"])
+    assert not any(key.startswith("ood_detected_") for key in run.data.metrics)  # metrics.json keeps them
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(active.info.run_id, "figures")}
     assert "figures/confusion_matrix.png" in artifacts
