@@ -122,6 +122,17 @@ def open_configured(feedback: Any, root: Path, create: bool = True) -> FeedbackS
     return FeedbackStore(url, feedback.store_timeout_s)
 
 
+def accepted_items(feedback: Any, root: Path) -> list[StoredItem]:
+    """What ``feedback.accept`` counts now, read without creating a store (none yet: nothing)."""
+    store = open_configured(feedback, root, create=False)
+    if store is None:
+        return []
+    try:
+        return store.accepted(feedback.accept)
+    finally:
+        store.close()
+
+
 def redact(url: str) -> str:
     return sa.make_url(url).render_as_string(hide_password=True)
 

@@ -7,18 +7,13 @@ from typing import Any
 
 from pipeline import tracking
 from pipeline.config import Settings
-from pipeline.feedback_store import new_since, open_configured
+from pipeline.feedback_store import accepted_items, new_since
 
 
 def retrain_decision(settings: Settings, min_new: int | None = None) -> dict[str, Any]:
     """``{"retrain": bool, "why": str, "new": n, ...}``; no champion yet counts every accepted item as new."""
     needed = settings.feedback.min_new if min_new is None else min_new
-    store = open_configured(settings.feedback, settings.root, create=False)
-    try:
-        accepted = store.accepted(settings.feedback.accept) if store is not None else []
-    finally:
-        if store is not None:
-            store.close()
+    accepted = accepted_items(settings.feedback, settings.root)
     champion = tracking.champion_feedback(settings)
     used_items, used_max_id = (champion["items"], champion["max_id"]) if champion else (0, 0)
     new = new_since(accepted, used_items, used_max_id)

@@ -23,7 +23,7 @@ from pipeline.contract import (
     write_classmap,
 )
 from pipeline.data import md5_of, write_npz
-from pipeline.feedback_store import ACCEPTED, NEW, REJECTED, StoredItem, open_configured
+from pipeline.feedback_store import ACCEPTED, NEW, REJECTED, StoredItem, accepted_items, open_configured
 from pipeline.files import write_json
 
 logger = logging.getLogger(__name__)
@@ -57,12 +57,7 @@ def export(items: Sequence[StoredItem], out: Path, accept: str) -> dict[str, Any
 
 def run(settings: Settings) -> dict[str, Any]:
     """Collect stage: export what ``feedback.accept`` counts (nothing when there is no store yet)."""
-    store = open_configured(settings.feedback, settings.root, create=False)
-    try:
-        items = store.accepted(settings.feedback.accept) if store is not None else []
-    finally:
-        if store is not None:
-            store.close()
+    items = accepted_items(settings.feedback, settings.root)
     manifest = export(items, settings.path("feedback"), settings.feedback.accept)
     summary = {key: manifest[key] for key in ("accept", "n_items", "max_id")}
     logger.info("collected %s feedback items into %s", summary["n_items"], settings.path("feedback"))
