@@ -69,3 +69,19 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
+
+
+@pytest.fixture
+def bento_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A real, empty BentoML model store in ``tmp_path`` for this test (the user's store is untouched)."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models.model import ModelStore
+
+    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
+    path = tmp_path / "bentoml-models"
+    path.mkdir()
+    BentoMLContainer.model_store.set(ModelStore(str(path)))
+    try:
+        yield path
+    finally:
+        BentoMLContainer.model_store.reset()

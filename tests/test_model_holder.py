@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +23,6 @@ from serving.model_holder import ModelHolder, ModelRejected, ServedModel, load_m
 
 CHARS = "あいうえおかきくけこ"
 TOKEN = "a-long-enough-admin-token-0123456789"
-
-
-@pytest.fixture
-def bento_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A real, empty BentoML model store in ``tmp_path`` for this test (the user's store is untouched)."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
-    from bentoml._internal.models.model import ModelStore
-
-    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
-    path = tmp_path / "bentoml-models"
-    path.mkdir()
-    BentoMLContainer.model_store.set(ModelStore(str(path)))
-    try:
-        yield path
-    finally:
-        BentoMLContainer.model_store.reset()
 
 
 def linear_onnx(path: Path, classes: int, winner: int, side: int = 28, output: str = ONNX_OUTPUT) -> Path:

@@ -224,22 +224,6 @@ def test_error_after_creating_a_version_marks_it_failed(settings: Settings, trai
     assert (retried["version"], retried["decision"]) == ("2", "champion")
 
 
-@pytest.fixture
-def bento_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A real, empty BentoML model store in ``tmp_path`` for this test (the user's store is untouched)."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
-    from bentoml._internal.models.model import ModelStore
-
-    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
-    path = tmp_path / "bentoml-models"
-    path.mkdir()
-    BentoMLContainer.model_store.set(ModelStore(str(path)))
-    try:
-        yield path
-    finally:
-        BentoMLContainer.model_store.reset()
-
-
 @pytest.mark.slow
 def test_each_dataset_has_its_own_champion_and_bento_model(settings: Settings, trained_run: TrainedRun,
                                                            bento_store: Path) -> None:
