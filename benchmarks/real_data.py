@@ -87,13 +87,17 @@ def _official_split(data_dir: Path, prefix: str, split: str) -> tuple[np.ndarray
 
 
 def plain_loop(train: data.LabeledImages, test: data.LabeledImages, num_classes: int, epochs: int,
-               augment_settings: Any, device: torch.device, seed: int = PLAIN_SEED) -> dict[str, Any]:
-    """SpinalVGG, Adam + one-cycle to 3e-3, batch 64, rotation/translation; last epoch scored."""
+               augment_settings: Any, device: torch.device, seed: int = PLAIN_SEED, fast: bool = False
+               ) -> dict[str, Any]:
+    """SpinalVGG, Adam + one-cycle to 3e-3, batch 64, rotation/translation; last epoch scored. ``fast``: bf16
+    autocast and channels-last as the pipeline's step (a speed setting: equal epochs then take equal time)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     (x_train, y_train), (x_test, y_test) = (train.images, train.labels), (test.images, test.labels)
     model = SpinalVGG(num_classes, pixel_mean=float(x_train.mean() / 255),
                       pixel_std=float(x_train.std() / 255)).to(device)
+    layout = torch.channels_last if fast else torch.contiguous_format
+    model = model.to(memory_format=layout)
     augment = BatchAugment(augment_settings.model_copy(update={"erasing_prob": 0.0}), generator)
     images, labels = torch.from_numpy(x_train).to(device), torch.from_numpy(y_train).to(device)
     steps = len(labels) // PLAIN_BATCH
@@ -105,8 +109,9 @@ def plain_loop(train: data.LabeledImages, test: data.LabeledImages, num_classes:
         order = torch.randperm(len(labels), generator=generator)
         for step in range(steps):
             index = order[step * PLAIN_BATCH:(step + 1) * PLAIN_BATCH].to(device)
-            x = augment(images[index].unsqueeze(1).float())
-            loss = torch.nn.functional.cross_entropy(model(x), labels[index])
+            x = augment(images[index].unsqueeze(1).float()).contiguous(memory_format=layout)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+                loss = torch.nn.functional.cross_entropy(model(x).float(), labels[index])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -116,16 +121,35 @@ def plain_loop(train: data.LabeledImages, test: data.LabeledImages, num_classes:
         "test_balanced_accuracy": float(balanced_accuracy_score(y_test, predicted)),
         "test_accuracy": float((predicted == y_test).mean()),
         "epochs_run": epochs,
+        "bf16_channels_last": fast,
         "n_train": len(labels),
         "parameters": count_parameters(model),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
 
+def _by_seed(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per seed: files that ran only (a) (``--skip-plain``) or only (b) (``--skip-pipeline``) at one
+    seed are paired into one, so the two sides of a seed may run side by side in two processes."""
+    merged: dict[Any, dict[str, Any]] = {}
+    for result in results:
+        into = merged.setdefault(result.get("seed"), {"seed": result.get("seed")})
+        for side in ("pipeline_full_recipe", "plain_loop"):
+            if result.get(side) is not None:
+                if into.get(side) is not None:
+                    raise ValueError(f"two results for {side} at seed {result.get('seed')}: pass each once")
+                into[side] = result[side]
+    incomplete = [seed for seed, r in merged.items() if not (r.get("pipeline_full_recipe") and r.get("plain_loop"))]
+    if incomplete:
+        raise ValueError(f"seeds {incomplete} lack (a) or (b): run the missing side with the same --seed")
+    return list(merged.values())
+
+
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means of (a) and (b) over runs (one a seed), and the paired difference with its standard error."""
+    """Means of (a) and (b) over seeds, and the paired difference with its standard error."""
     if not results:
         raise ValueError("nothing to summarize: pass one or more result files written by this script")
+    results = _by_seed(results)
     pipeline = [100 * r["pipeline_full_recipe"]["test_balanced_accuracy"] for r in results]
     plain = [100 * r["plain_loop"]["test_balanced_accuracy"] for r in results]
     differences = [a - b for a, b in zip(pipeline, plain, strict=True)]
@@ -153,20 +177,31 @@ def _commit() -> str | None:
     return f"{head}+changes" if dirty else head
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder in the official layout")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--plain-epochs", type=int, default=None,
+                        help="(b)'s epochs (default --epochs; 2x --epochs matches (a)'s budget with its refit)")
+    parser.add_argument("--plain-fast", action="store_true",
+                        help="(b) with the pipeline's bf16 autocast and channels-last: equal epochs, equal time")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     parser.add_argument("--set", dest="changes", action="append", default=[], metavar="KEY=VALUE",
                         help="a change to the pipeline's recipe (Hydra override), repeatable")
     parser.add_argument("--seed", type=int, default=None,
                         help=f"one seed for both (default: the pipeline's `seed`, {PLAIN_SEED} for the plain loop)")
-    parser.add_argument("--skip-plain", action="store_true", help="only (a): e.g. a speed setting's accuracy")
+    sides = parser.add_mutually_exclusive_group()
+    sides.add_argument("--skip-plain", action="store_true", help="only (a): e.g. a speed setting's accuracy")
+    sides.add_argument("--skip-pipeline", action="store_true",
+                       help="only (b): run a seed's two sides in two processes; --summarize pairs them")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "real_data_cpu.json")
     parser.add_argument("--summarize", type=Path, nargs="+", metavar="RESULT",
                         help="print the mean over these result files (one a seed) instead of training")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = _arguments()
     if args.summarize:
         print(json.dumps(summarize([json.loads(path.read_text(encoding="utf-8")) for path in args.summarize]),
                          indent=2))
@@ -174,21 +209,26 @@ def main() -> None:
     commit = _commit()  # now: the code this run imports, before anyone edits the tree during the run
     device = select_device(args.device)
     prefix = data.local_prefix(args.data, None)
+    seeded = [f"seed={args.seed}"] if args.seed is not None else []
+    recipe = None
     with tempfile.TemporaryDirectory(prefix="real-data-") as scratch:
-        seeded = [f"seed={args.seed}"] if args.seed is not None else []
-        recipe = pipeline_recipe(args.data, args.epochs, Path(scratch), device.type, [*seeded, *args.changes])
+        if args.skip_pipeline:  # (b) still takes the pipeline's augmentation strengths
+            write_params(Path(scratch) / "params.yaml", ["profile=full", *seeded, *args.changes])
+        else:
+            recipe = pipeline_recipe(args.data, args.epochs, Path(scratch), device.type, [*seeded, *args.changes])
         settings = load_settings(Path(scratch) / "params.yaml")
-        augment_settings = settings.augment
     plain = None
     if not args.skip_plain:
         official_train, official_test = (data.LabeledImages(*_official_split(args.data, prefix, split))
                                          for split in ("train", "test"))
         num_classes = len(load_classmap(args.data / official_file_names(prefix)["classmap"]))
-        plain = plain_loop(official_train, official_test, num_classes, args.epochs, augment_settings, device,
-                           PLAIN_SEED if args.seed is None else args.seed)
+        plain = plain_loop(official_train, official_test, num_classes, args.plain_epochs or args.epochs,
+                           settings.augment, device, PLAIN_SEED if args.seed is None else args.seed,
+                           fast=args.plain_fast)
     result = {
         "data": str(args.data),
         "epochs": args.epochs,
+        "plain_epochs": args.plain_epochs or args.epochs,
         "seed": args.seed,
         "pipeline_changes": args.changes,
         "commit": commit,
@@ -196,7 +236,7 @@ def main() -> None:
         "pipeline_full_recipe": recipe,
         "plain_loop": plain,
         "pipeline_minus_plain_points": round(
-            100 * (recipe["test_balanced_accuracy"] - plain["test_balanced_accuracy"]), 2) if plain else None,
+            100 * (recipe["test_balanced_accuracy"] - plain["test_balanced_accuracy"]), 2) if recipe and plain else None,
         "machine": {"cpu": cpu_model_name(), "cores": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__, "device": str(device),
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
