@@ -407,10 +407,11 @@ def test_a_killed_worker_on_another_machine_is_failed_by_the_heartbeat_and_the_s
     postgres: PostgresServer, databases: dict[str, str], tmp_path: Path, shared_data: dict[str, str],
 ) -> None:
     heartbeat_s = 1
-    # Two one-epoch trials: one finishes before the kill, one is killed, the resumed run adds the last.
+    # Two trials of a few seconds each (all 20 images a class, 3 epochs), so the poll below catches the
+    # first finished and the second running: the second is killed, the resumed run adds the last.
     params = write_tiny_params(tmp_path, {**shared_data, "tune.storage": postgres.url(databases["optuna"]),
                                           "tune.heartbeat_s": heartbeat_s, "tune.n_trials": 2,
-                                          "tune.epochs": 1})
+                                          "tune.epochs": 3, "tune.max_train_per_class": None})
     settings = load_settings(params)
     env = {**os.environ, "KUZUSHIJI_PARAMS": str(params), "MLFLOW_TRACKING_URI": ""}
     # The first process reports another host name, like a worker on a second machine: this host's
@@ -452,10 +453,13 @@ def test_a_killed_worker_on_another_machine_is_failed_by_the_heartbeat_and_the_s
 def _kill_once_a_trial_finished_and_another_runs(process: subprocess.Popen,
                                                  settings: Settings) -> dict[int, tuple[str, Any]]:
     deadline = time.monotonic() + RUN_TIMEOUT_S
+    storage = None
     while time.monotonic() < deadline and process.poll() is None:
-        time.sleep(1.0)
+        time.sleep(0.2)
         try:
-            trials = _study(settings).get_trials()
+            storage = storage or open_storage(settings)  # once: the worker may be creating the schema
+            (name,) = optuna.get_all_study_names(storage)
+            trials = optuna.load_study(study_name=name, storage=storage).get_trials()
         except ValueError:  # no study yet
             continue
         finished = [t for t in trials if t.state in FINISHED]

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 import optuna
@@ -62,6 +63,30 @@ def data_fingerprint(settings: Settings) -> str:
 
 
 
+def _rdb_storage(settings: Settings, url: str, attempts: int = 3) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage with heartbeats. Workers that start together on a fresh database race to create
+    Optuna's tables and types; the loser sees "already exists" and opens the schema the winner made."""
+    import sqlalchemy
+
+    open_it = functools.partial(
+        optuna.storages.RDBStorage,
+        url,
+        heartbeat_interval=settings.tune.heartbeat_s,
+        # Trials of dead workers on any machine are failed once their heartbeat is this old ...
+        grace_period=2 * settings.tune.heartbeat_s,
+        # ... and their MLflow runs ended FAILED too.
+        heartbeat_stale_trial_callback=functools.partial(_end_heartbeat_failed_trial_run, settings),
+    )
+    for attempt in range(attempts - 1):
+        try:
+            return open_it()
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            if "already exists" not in str(exc):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    return open_it()
+
+
 def open_storage(settings: Settings) -> optuna.storages.BaseStorage:
     """The study storage: ``tune.storage`` (RDB URL, with heartbeats) or a journal file under ``paths.optuna``."""
     if settings.tune.storage:
@@ -73,14 +98,7 @@ def open_storage(settings: Settings) -> optuna.storages.BaseStorage:
         except DatabaseUrlError as exc:
             raise TuneError(str(exc)) from None
         try:
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=settings.tune.heartbeat_s,
-                # Trials of dead workers on any machine are failed once their heartbeat is this old ...
-                grace_period=2 * settings.tune.heartbeat_s,
-                # ... and their MLflow runs ended FAILED too.
-                heartbeat_stale_trial_callback=functools.partial(_end_heartbeat_failed_trial_run, settings),
-            )
+            return _rdb_storage(settings, url)
         except ImportError as exc:
             raise TuneError(f"no database driver for tune.storage = {storage_label(settings)} ({exc}): "
                             "install the pinned lock (`make venv`)") from exc
