@@ -235,8 +235,9 @@ def main() -> None:
         "recipe": settings.run_identity("model", "augment", "train"),
         "pipeline_full_recipe": recipe,
         "plain_loop": plain,
-        "pipeline_minus_plain_points": round(
-            100 * (recipe["test_balanced_accuracy"] - plain["test_balanced_accuracy"]), 2) if recipe and plain else None,
+        "pipeline_minus_plain_points": (round(100 * (recipe["test_balanced_accuracy"]
+                                                     - plain["test_balanced_accuracy"]), 2)
+                                        if recipe and plain else None),
         "machine": {"cpu": cpu_model_name(), "cores": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__, "device": str(device),
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},

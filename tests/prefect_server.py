@@ -11,6 +11,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,10 @@ from tests.support import PROJECT_ROOT, background_process, free_port
 
 VENV_BIN = Path(sys.executable).parent
 SERVER_START_TIMEOUT_S = 300.0
+POOL = "kuzushiji-process"  # the work pool prefect.yaml names
+RUN_TIMEOUT_S = 1800
+CLI_TIMEOUT_S = 300
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 # The smallest run that still exercises every stage: 49 synthetic classes, 18 train / 2 val / 5 test
 # images per class, 1 training epoch, a tuning study of 3 trials x 2 epochs on 5 images per class.
@@ -53,17 +58,22 @@ TINY: dict[str, Any] = {
 TINY_PROFILE = "quick"
 
 
-def tiny_params(changes: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The project's conf/ composed with the quick profile, then :data:`TINY` and ``changes`` (dotted keys,
-    each replacing the value it names)."""
-    raw = compose({"profile": TINY_PROFILE})
-    for dotted, value in {**TINY, **(changes or {})}.items():
+def composed_params(profile: str, changes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The project's conf/ composed with ``profile``, then ``changes`` (dotted keys, each replacing the value
+    it names)."""
+    raw = compose({"profile": profile})
+    for dotted, value in (changes or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = copy.deepcopy(value)
     return raw
+
+
+def tiny_params(changes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The quick profile, then :data:`TINY` and ``changes``."""
+    return composed_params(TINY_PROFILE, {**TINY, **(changes or {})})
 
 
 def write_tiny_params(folder: Path, changes: dict[str, Any] | None = None) -> Path:
@@ -74,17 +84,18 @@ def write_tiny_params(folder: Path, changes: dict[str, Any] | None = None) -> Pa
     return path
 
 
-def write_tiny_conf(project: Path, changes: dict[str, Any] | None = None) -> None:
-    """Make the tiny values the copy's conf/ defaults (profile quick), so `dvc exp run -S ...` in the copy
-    composes tiny params too, and write them to its params.yaml."""
-    values = tiny_params(changes)
+def write_conf(project: Path, values: dict[str, Any]) -> None:
+    """Make ``values`` the copy's conf/ defaults (their profile's overlay emptied), so `dvc exp run -S ...` in
+    the copy composes them too, and write them to its params.yaml."""
     conf = project / CONF_DIR
     (conf / f"{CONF_NAME}.yaml").write_text(
-        yaml.safe_dump({"defaults": ["_self_", {"profile": TINY_PROFILE}], **values}, sort_keys=False),
+        yaml.safe_dump({"defaults": ["_self_", {"profile": values["profile"]}], **values}, sort_keys=False,
+                       allow_unicode=True),
         encoding="utf-8")
     for profile in (conf / "profile").glob("*.yaml"):  # every profile keeps only its name
         profile.write_text(f"# @package _global_\nprofile: {profile.stem}\n", encoding="utf-8")
-    (project / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+    (project / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False, allow_unicode=True),
+                                         encoding="utf-8")
 
 
 def client_env(api_url: str, home: Path, **extra: str) -> dict[str, str]:
@@ -140,9 +151,10 @@ def run_module(args: list[str], env: dict[str, str], cwd: Path, timeout_s: float
     )
 
 
-def copy_project(dest: Path, changes: dict[str, Any] | None = None) -> Path:
+def copy_project(dest: Path, changes: dict[str, Any] | None = None, values: dict[str, Any] | None = None) -> Path:
     """A git repository at ``dest`` holding this checkout's files (tracked and not ignored, so work in
-    progress is included), the DVC config and tiny params, committed once."""
+    progress is included), the DVC config and ``values`` as its conf/ (default: tiny params with ``changes``),
+    committed once."""
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
         cwd=PROJECT_ROOT, capture_output=True, check=True,
@@ -153,7 +165,7 @@ def copy_project(dest: Path, changes: dict[str, Any] | None = None) -> Path:
             target = dest / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(source.read_bytes())
-    write_tiny_conf(dest, changes)
+    write_conf(dest, values if values is not None else tiny_params(changes))
     git = ["git", "-C", str(dest)]
     subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
     # DVC experiments commit refs: give the throw-away repository an identity of its own.
@@ -162,3 +174,23 @@ def copy_project(dest: Path, changes: dict[str, Any] | None = None) -> Path:
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "-q", "-m", "test copy"], check=True)
     return dest
+
+
+def prefect_cli(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    """``prefect ARGS`` with the test venv; its stdout, or an assertion error with its output."""
+    result = subprocess.run([str(VENV_BIN / "prefect"), *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=CLI_TIMEOUT_S, check=False)
+    assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def wait_for_flow_run(api_url: str, flow_run_id: str, worker_log: Path, timeout_s: float = RUN_TIMEOUT_S) -> dict:
+    """The flow run once it is in a terminal state (polled every 2 s), or an assertion error with the log."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=30).json()
+        if run["state_type"] in TERMINAL:
+            return run
+        time.sleep(2)
+    raise AssertionError(f"flow run {flow_run_id} not finished in {timeout_s:.0f}s; worker log:\n"
+                         f"{worker_log.read_text(errors='replace')[-5000:]}")

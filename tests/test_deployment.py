@@ -8,40 +8,26 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import mlflow
 import pytest
 
-from tests.prefect_server import VENV_BIN, client_env, copy_project, flow_runs, prefect_api  # noqa: F401
+from tests.prefect_server import (  # noqa: F401
+    CLI_TIMEOUT_S,
+    POOL,
+    VENV_BIN,
+    client_env,
+    copy_project,
+    flow_runs,
+    prefect_api,
+    prefect_cli,
+    wait_for_flow_run,
+)
 from tests.support import background_process
 
 pytestmark = pytest.mark.slow
-POOL = "kuzushiji-process"  # the work pool prefect.yaml names
 DEPLOYMENT = "pipeline/dvc-pipeline"
-RUN_TIMEOUT_S = 1800
-CLI_TIMEOUT_S = 300
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def _prefect(args: list[str], cwd: Path, env: dict[str, str]) -> str:
-    result = subprocess.run([str(VENV_BIN / "prefect"), *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=CLI_TIMEOUT_S, check=False)
-    assert result.returncode == 0, f"prefect {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
-
-
-def _wait_for(api_url: str, flow_run_id: str, worker_log: Path) -> dict:
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while time.monotonic() < deadline:
-        run = httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=30).json()
-        if run["state_type"] in TERMINAL:
-            return run
-        time.sleep(5)
-    raise AssertionError(f"flow run {flow_run_id} not finished in {RUN_TIMEOUT_S}s; worker log:\n"
-                         f"{worker_log.read_text(errors='replace')[-5000:]}")
 
 
 def test_deployed_pipeline_runs_on_a_process_worker(prefect_api: str, tmp_path: Path) -> None:
@@ -51,15 +37,15 @@ def test_deployed_pipeline_runs_on_a_process_worker(prefect_api: str, tmp_path: 
     env = client_env(prefect_api, tmp_path / "prefect-home", BENTOML_HOME=str(tmp_path / "bentoml"))
     env.pop("KUZUSHIJI_PARAMS", None)
 
-    _prefect(["work-pool", "create", POOL, "--type", "process"], project, env)
-    _prefect(["--no-prompt", "deploy", "--all"], project, env)
+    prefect_cli(["work-pool", "create", POOL, "--type", "process"], project, env)
+    prefect_cli(["--no-prompt", "deploy", "--all"], project, env)
     worker_log = tmp_path / "worker.log"
     with background_process([str(VENV_BIN / "prefect"), "worker", "start", "--pool", POOL], env=env,
                             cwd=tmp_path, log_path=worker_log):
         # No profile given: chosen as `make run` chooses it (quick for the synthetic data).
-        out = _prefect(["deployment", "run", DEPLOYMENT, "-p", "dataset=synthetic"], project, env)
+        out = prefect_cli(["deployment", "run", DEPLOYMENT, "-p", "dataset=synthetic"], project, env)
         flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
-        run = _wait_for(prefect_api, flow_run_id, worker_log)
+        run = wait_for_flow_run(prefect_api, flow_run_id, worker_log)
     assert run["state_type"] == "COMPLETED", (run["state"], worker_log.read_text(errors="replace")[-5000:])
     assert run["name"] == "synthetic · quick"
 
