@@ -56,7 +56,8 @@ def send_corrections(client: httpx.Client, images: np.ndarray, labels: np.ndarra
     return ids
 
 
-def run_retrain(api_url: str, project: Path, env: dict[str, str], work: Path) -> tuple[dict, str]:
+def run_retrain(api_url: str, project: Path, env: dict[str, str], work: Path, timeout_s: float = 1800) -> tuple[
+        dict, str]:
     """Deploy ``retrain`` from the project's prefect.yaml, run it on a process worker: (flow run, worker log)."""
     subprocess.run([str(VENV_BIN / "prefect"), "work-pool", "create", POOL, "--type", "process"], cwd=project,
                    env=env, capture_output=True, check=False)  # a shared server may have it already
@@ -65,5 +66,6 @@ def run_retrain(api_url: str, project: Path, env: dict[str, str], work: Path) ->
     with background_process([str(VENV_BIN / "prefect"), "worker", "start", "--pool", POOL], env=env, cwd=work,
                             log_path=worker_log):
         out = prefect_cli(["deployment", "run", RETRAIN], project, env)
-        run = wait_for_flow_run(api_url, re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1), worker_log)
+        run = wait_for_flow_run(api_url, re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1), worker_log,
+                                timeout_s)
     return run, worker_log.read_text(errors="replace")
