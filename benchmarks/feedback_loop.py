@@ -21,46 +21,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 
-from benchmarks.serve import _cpu_model, multipart_body, wrk
+from benchmarks.serve import _cpu_model, multipart_body, service, wrk
 from benchmarks.swap import TOKEN, busy_processes, swap_under_load
 from pipeline.config import PROJECT_ROOT
 from tests.loop_support import png, run_retrain, send_corrections, split_train_set
-from tests.prefect_server import VENV_BIN, client_env, composed_params, copy_project
-from tests.support import background_process, free_port
+from tests.prefect_server import client_env, composed_params, copy_project, prefect_server
 
 DEFAULT_DATA = PROJECT_ROOT.parent / "shared" / "data" / "kmnist-60k"
 CONNECTIONS, WINDOW_S = 32, 6.0
 RETRAIN_TIMEOUT_S = 6 * 3600  # a busy 2-core machine: the 4 + 4 epochs on 10,000 images took 27 min
 RESULTS_BEGIN, RESULTS_END = ("<!-- feedback loop results: begin (written by benchmarks/feedback_loop.py) -->",
                               "<!-- feedback loop results: end -->")
-
-
-@contextmanager
-def prefect_server(home: Path) -> Iterator[str]:
-    port = free_port()
-    env = {"PREFECT_HOME": str(home), "PREFECT_API_URL": "", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false"}
-    with background_process([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                             str(port)], ready_url=f"http://127.0.0.1:{port}/api/health", env=env, cwd=home,
-                            log_path=home / "server.log", ready_timeout_s=300):
-        yield f"http://127.0.0.1:{port}/api"
-
-
-@contextmanager
-def served(project: Path, env: dict[str, str], log: Path) -> Iterator[str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with background_process([str(VENV_BIN / "bentoml"), "serve", "service:Kuzushiji", "--host", "127.0.0.1",
-                             "--port", str(port)], ready_url=f"{url}/readyz", env=env, cwd=project, log_path=log):
-        yield url
 
 
 def registry_record(project: Path) -> dict[str, Any]:
@@ -110,7 +87,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         before = champion(project, env)
         started = timed(phases, "champion: dvc repro", started)
-        with served(project, env, work / "serve.log") as url, httpx.Client(base_url=url, timeout=60) as client:
+        with service(work, "serve", env, cwd=project) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
             body = work / "body"
             body.write_bytes(multipart_body("image", [png(pool["images"][-1])]))
             wrk(f"{url}/predict", body, 8, 3)  # warm-up

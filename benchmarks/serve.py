@@ -207,7 +207,8 @@ def write_params(work: Path, name: str, **serve: Any) -> Path:
 
 
 @contextmanager
-def service(work: Path, name: str, env: dict[str, str]) -> Iterator[tuple[str, int]]:
+def service(work: Path, name: str, env: dict[str, str], cwd: Path = PROJECT_ROOT) -> Iterator[tuple[str, int]]:
+    """``bentoml serve`` of ``cwd``'s service.py on a free loopback port, logging to ``work/name.log``: (URL, pid)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     bentoml_cli = str(Path(sys.executable).with_name("bentoml"))
@@ -215,7 +216,7 @@ def service(work: Path, name: str, env: dict[str, str]) -> Iterator[tuple[str, i
         [bentoml_cli, "serve", "service:Kuzushiji", "--host", "127.0.0.1", "--port", str(port)],
         ready_url=f"{url}/readyz",
         env=env,
-        cwd=PROJECT_ROOT,
+        cwd=cwd,
         log_path=work / f"{name}.log",
     ) as process:
         yield url, process.pid

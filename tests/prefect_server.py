@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +112,9 @@ def client_env(api_url: str, home: Path, **extra: str) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """API URL of a real Prefect server on a free loopback port, database in a temp PREFECT_HOME."""
-    home = tmp_path_factory.mktemp("prefect-server")
+@contextmanager
+def prefect_server(home: Path) -> Iterator[str]:
+    """A real Prefect server on a free loopback port, its database in ``home``; yields its API URL, always stops."""
     port = free_port()
     env = {
         "PREFECT_HOME": str(home),
@@ -131,6 +131,13 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ready_timeout_s=SERVER_START_TIMEOUT_S,
     ):
         yield f"http://127.0.0.1:{port}/api"
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """API URL of a real Prefect server on a free loopback port, database in a temp PREFECT_HOME."""
+    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as url:
+        yield url
 
 
 def flow_runs(api_url: str, flow_name: str | None = None, **flow_run_filter: Any) -> list[dict[str, Any]]:

@@ -17,14 +17,13 @@ import httpx
 import mlflow
 import numpy as np
 
-from benchmarks.serve import multipart_body
+from benchmarks.serve import multipart_body, service
 from benchmarks.swap import TOKEN, swap_under_load
 from pipeline.contract import FEEDBACK_ITEMS_PARAM, FEEDBACK_MANIFEST
 from pipeline.data import read_npz_array
 from pipeline.feedback_store import FeedbackStore, store_url
 from tests.loop_support import png, run_retrain, send_corrections, split_train_set
-from tests.prefect_server import VENV_BIN, client_env, copy_project, prefect_api  # noqa: F401
-from tests.support import background_process, free_port
+from tests.prefect_server import client_env, copy_project, prefect_api  # noqa: F401
 from tests.test_real_data import KMNIST_DEV, pytestmark  # noqa: F401  (slow; skipped or required like it)
 
 CHAMPION_PER_CLASS = 60  # the champion's train images a class (600 in all) ...
@@ -91,11 +90,7 @@ def test_corrections_sent_to_the_service_train_the_model_that_then_serves(prefec
     first = _registry(project)
     assert first["decision"] == "champion" and str(first["version"]) == "1", first
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with background_process([str(VENV_BIN / "bentoml"), "serve", "service:Kuzushiji", "--host", "127.0.0.1",
-                             "--port", str(port)], ready_url=f"{url}/readyz", env=env, cwd=project,
-                            log_path=tmp_path / "serve.log"), httpx.Client(base_url=url, timeout=60) as client:
+    with service(tmp_path, "serve", env, cwd=project) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
         assert client.get("/version").json()["registry_version"] == "1"
         ids = _send_and_review(client, project, env, pool)
 

@@ -3,8 +3,6 @@ worker; with fewer new accepted feedback items than feedback.min_new it finishes
 
 from __future__ import annotations
 
-import re
-import subprocess
 from pathlib import Path
 
 import httpx
@@ -15,19 +13,9 @@ import yaml
 from pipeline.config import load_settings
 from pipeline.feedback_store import ACCEPTED, Feedback, FeedbackStore, open_configured, store_url, upload_digest
 from pipeline.retraining import retrain_decision
-from tests.prefect_server import (  # noqa: F401
-    POOL,
-    VENV_BIN,
-    client_env,
-    copy_project,
-    flow_runs,
-    prefect_api,
-    prefect_cli,
-    wait_for_flow_run,
-)
-from tests.support import PROJECT_ROOT, background_process
-
-DEPLOYMENT = "retrain/retrain"
+from tests.loop_support import RETRAIN, run_retrain
+from tests.prefect_server import client_env, copy_project, flow_runs, prefect_api  # noqa: F401
+from tests.support import PROJECT_ROOT
 
 
 def _fill(store: FeedbackStore, count: int, accept: int) -> None:
@@ -68,19 +56,10 @@ def test_a_retrain_run_with_too_little_feedback_finishes_saying_why(prefect_api:
     store.close()
     env = client_env(prefect_api, tmp_path / "prefect-home", BENTOML_HOME=str(tmp_path / "bentoml"))
     env.pop("KUZUSHIJI_PARAMS", None)
-    subprocess.run([str(VENV_BIN / "prefect"), "work-pool", "create", POOL, "--type", "process"], cwd=project,
-                   env=env, capture_output=True, check=False)  # the session's server may have it already
-    prefect_cli(["--no-prompt", "deploy", "--name", "retrain"], project, env)
-    schedules = httpx.get(f"{prefect_api}/deployments/name/{DEPLOYMENT}", timeout=30).json()["schedules"]
-    assert [schedule["active"] for schedule in schedules] == [False]  # off until someone turns it on
-    worker_log = tmp_path / "worker.log"
-    with background_process([str(VENV_BIN / "prefect"), "worker", "start", "--pool", POOL], env=env,
-                            cwd=tmp_path, log_path=worker_log):
-        out = prefect_cli(["deployment", "run", DEPLOYMENT], project, env)
-        flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
-        run = wait_for_flow_run(prefect_api, flow_run_id, worker_log)
-    log = worker_log.read_text(errors="replace")
+    run, log = run_retrain(prefect_api, project, env, tmp_path)
     assert run["state_type"] == "COMPLETED", (run["state"], log[-5000:])
     assert "3 accepted feedback items (reviewed) are new" in log and "not retraining, too few" in log
-    assert not flow_runs(prefect_api, parent_flow_run_id={"any_": [flow_run_id]})  # no pipeline, no stage ran
+    assert not flow_runs(prefect_api, parent_flow_run_id={"any_": [run["id"]]})  # no pipeline, no stage ran
     assert not (project / "dvc.lock").exists()
+    schedules = httpx.get(f"{prefect_api}/deployments/name/{RETRAIN}", timeout=30).json()["schedules"]
+    assert [schedule["active"] for schedule in schedules] == [False]  # deployed off; a manual run leaves it off
