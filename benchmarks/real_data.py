@@ -67,6 +67,9 @@ def pipeline_recipe(data_dir: Path, epochs: int, work: Path, device: str, change
     return {
         "test_balanced_accuracy": metrics["test_balanced_accuracy"],
         "test_accuracy": metrics["test_accuracy"],
+        "tta_views": metrics["tta_views"],
+        "tta_rotations_deg": list(settings.evaluate.tta_rotations_deg),
+        "test_balanced_accuracy_tta": tta_balanced_accuracy(settings),
         "best_epoch": trained["best_epoch"],
         "best_val_balanced_accuracy": trained["best_val_balanced_accuracy"],
         "epochs_run": trained["epochs_run"],
@@ -77,6 +80,20 @@ def pipeline_recipe(data_dir: Path, epochs: int, work: Path, device: str, change
         "train_seconds": round(trained["train_seconds"], 1),
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def tta_balanced_accuracy(settings: Any) -> float:
+    """The exported model's test balanced accuracy averaged over ``evaluate.tta_rotations_deg``: test-time
+    augmentation measured on the same model, at no training cost, whatever ``evaluate.tta`` says."""
+    from pipeline.contract import BUNDLE_FILE
+    from pipeline.stages.evaluate import predict_proba
+    from pipeline.training.bundle import load_bundle
+
+    model, _ = load_bundle(settings.path("models") / BUNDLE_FILE)
+    test = data.load_test(settings)
+    probs = predict_proba(model, test.images, settings.evaluate.batch_size, select_device(settings.train.device),
+                          list(settings.evaluate.tta_rotations_deg))
+    return float(balanced_accuracy_score(test.labels, probs.argmax(axis=1)))
 
 
 def _official_split(data_dir: Path, prefix: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +115,7 @@ def plain_loop(train: data.LabeledImages, test: data.LabeledImages, num_classes:
                       pixel_std=float(x_train.std() / 255)).to(device)
     layout = torch.channels_last if fast else torch.contiguous_format
     model = model.to(memory_format=layout)
-    augment = BatchAugment(augment_settings.model_copy(update={"erasing_prob": 0.0}), generator)
+    augment = BatchAugment(augment_settings.model_copy(update={"erasing_prob": 0.0, "elastic_px": 0.0}), generator)
     images, labels = torch.from_numpy(x_train).to(device), torch.from_numpy(y_train).to(device)
     steps = len(labels) // PLAIN_BATCH
     optimizer = torch.optim.Adam(model.parameters(), lr=PLAIN_MAX_LR)

@@ -85,6 +85,7 @@ class AugmentSettings(_Section):
     rotation_deg: Annotated[float, Field(ge=0.0, le=45.0)]
     translate_frac: Annotated[float, Field(ge=0.0, le=0.3)]
     erasing_prob: Fraction
+    elastic_px: Annotated[float, Field(ge=0.0, le=4.0)]
 
 
 class TrainSettings(_Section):

@@ -1,5 +1,5 @@
-"""Input normalisation and batched on-device augmentation: rotation, translation, optional erasing; never
-flips or crops (a mirrored or cropped kana is another glyph or none)."""
+"""Input normalisation and batched on-device augmentation: rotation, translation, optional elastic distortion
+and erasing; never flips or crops (a mirrored or cropped kana is another glyph or none)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ PIXEL_MAX = 255.0  # uint8 ink intensity; the stored mean/std are in 0..1 units
 ERASE_AREA = (0.02, 0.33)  # fraction of the image area
 ERASE_ASPECT = (0.3, 3.3)  # height / width
 ERASE_VALUE = 0.0  # black = background, so an erased box looks like missing ink, not a new stroke
+# Elastic distortion (after Simard et al., ICDAR 2003) as a random displacement on a coarse grid of control
+# points, upsampled bicubically: one smooth bend over a few strokes, drawn as 2 x 4 x 4 numbers an image.
+ELASTIC_GRID = 4
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor | float, std: torch.Tensor | float) -> torch.Tensor:
@@ -22,17 +25,22 @@ def normalize(x: torch.Tensor, mean: torch.Tensor | float, std: torch.Tensor | f
     return (x / PIXEL_MAX - mean) / std
 
 
-def affine_warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Warp ``images`` (N, C, H, W) by per-sample matrices ``theta`` (N, 2, 3) in normalised coordinates.
+def affine_warp(images: torch.Tensor, theta: torch.Tensor, displacement: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """Warp ``images`` (N, C, H, W) by per-sample matrices ``theta`` (N, 2, 3) in normalised coordinates,
+    plus an optional per-pixel ``displacement`` (N, H, W, 2) of the sampling grid in the same units.
 
     Pixels that come from outside the frame are 0 (black background).
     """
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    if displacement is not None:
+        grid = grid + displacement.to(grid.dtype)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 class BatchAugment:
-    """Random rotation + translation (+ optional random erasing) of a float batch (N, 1, H, W) of raw pixels.
+    """Random rotation + translation (+ optional elastic distortion and erasing) of a float batch (N, 1, H, W)
+    of raw pixels.
 
     All random numbers come from ``generator`` (a CPU ``torch.Generator``) so a run is reproducible and
     its state can be checkpointed; only the small per-sample parameters travel to the device.
@@ -42,11 +50,12 @@ class BatchAugment:
         self.rotation_deg = settings.rotation_deg
         self.translate_frac = settings.translate_frac
         self.erasing_prob = settings.erasing_prob
+        self.elastic_px = settings.elastic_px
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
 
     @property
     def warps(self) -> bool:
-        return self.rotation_deg > 0 or self.translate_frac > 0
+        return self.rotation_deg > 0 or self.translate_frac > 0 or self.elastic_px > 0
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 1:
@@ -54,8 +63,11 @@ class BatchAugment:
                              f"{tuple(images.shape)}")
         if self.warps:
             # Bilinear weights can overshoot 255 by float rounding; keep the 0..255 input contract exact.
-            matrices = self.random_matrices(images.shape[0]).to(images.device)
-            images = affine_warp(images, matrices).clamp_(0.0, PIXEL_MAX)
+            count, _, height, width = images.shape
+            matrices = self.random_matrices(count).to(images.device)
+            displacement = (self.random_displacements(count, height, width, images.device)
+                            if self.elastic_px > 0 else None)
+            images = affine_warp(images, matrices, displacement).clamp_(0.0, PIXEL_MAX)
         if self.erasing_prob > 0:
             images = images.masked_fill(self.random_erase_masks(images.shape, images.device), ERASE_VALUE)
         return images
@@ -74,6 +86,17 @@ class BatchAugment:
         return torch.stack(
             [torch.stack([cos, -sin, tx], dim=1), torch.stack([sin, cos, ty], dim=1)], dim=1
         )
+
+    def random_displacements(self, count: int, height: int, width: int,
+                             device: torch.device | str = "cpu") -> torch.Tensor:
+        """(count, H, W, 2) smooth random grid displacements on ``device``, up to about elastic_px pixels
+        (the control points are drawn on the CPU generator, the field upsampled on device)."""
+        side = ELASTIC_GRID
+        coarse = self._uniform(count * 2 * side * side, -1.0, 1.0).view(count, 2, side, side)
+        field = F.interpolate(coarse.to(device), size=(height, width), mode="bicubic", align_corners=True)
+        # A pixel is 2 / side normalised units; grid channels are (x, y).
+        scale = torch.tensor([2.0 * self.elastic_px / width, 2.0 * self.elastic_px / height], device=device)
+        return field.permute(0, 2, 3, 1) * scale
 
     def random_erase_masks(self, shape: torch.Size, device: torch.device | str = "cpu") -> torch.Tensor:
         """Boolean masks (N, 1, H, W) on ``device``: True inside one random box per image picked with

@@ -42,7 +42,7 @@ def test_normalize_round_trips():
 
 def test_zero_strengths_are_the_identity():
     images = batch_of(glyph_f(), 4)
-    augment = BatchAugment(AugmentSettings(rotation_deg=0.0, translate_frac=0.0, erasing_prob=0.0))
+    augment = BatchAugment(AugmentSettings(rotation_deg=0.0, translate_frac=0.0, erasing_prob=0.0, elastic_px=0.0))
     assert torch.equal(augment(images), images)
     # The warp itself with identity matrices reproduces the input (pixel centres map onto themselves).
     identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(4, 2, 3)
@@ -51,7 +51,7 @@ def test_zero_strengths_are_the_identity():
 
 def test_centred_glyph_stays_inside_the_frame():
     images = batch_of(glyph_f(), 256)
-    augment = BatchAugment(AugmentSettings(rotation_deg=15.0, translate_frac=0.1, erasing_prob=0.0),
+    augment = BatchAugment(AugmentSettings(rotation_deg=15.0, translate_frac=0.1, erasing_prob=0.0, elastic_px=0.0),
                            torch.Generator().manual_seed(1))
     out = augment(images)
     border = torch.ones(SIDE, SIDE, dtype=torch.bool)
@@ -66,7 +66,7 @@ def test_centred_glyph_stays_inside_the_frame():
 def test_augmentation_never_mirrors():
     image = glyph_f()
     images = batch_of(image, 256)
-    augment = BatchAugment(AugmentSettings(rotation_deg=20.0, translate_frac=0.0, erasing_prob=0.0),
+    augment = BatchAugment(AugmentSettings(rotation_deg=20.0, translate_frac=0.0, erasing_prob=0.0, elastic_px=0.0),
                            torch.Generator().manual_seed(2))
     out = augment(images)
     original = correlation(out, images)
@@ -76,7 +76,7 @@ def test_augmentation_never_mirrors():
 
 def test_random_erasing_blacks_out_one_box_per_picked_image():
     images = torch.full((400, 1, SIDE, SIDE), 200.0)
-    augment = BatchAugment(AugmentSettings(rotation_deg=0.0, translate_frac=0.0, erasing_prob=0.5),
+    augment = BatchAugment(AugmentSettings(rotation_deg=0.0, translate_frac=0.0, erasing_prob=0.5, elastic_px=0.0),
                            torch.Generator().manual_seed(3))
     out = augment(images)
     erased = (out == 0).flatten(1)
@@ -91,7 +91,7 @@ def test_random_erasing_blacks_out_one_box_per_picked_image():
 
 def test_same_generator_seed_same_augmentation():
     images = batch_of(glyph_f(), 16)
-    settings = AugmentSettings(rotation_deg=12.0, translate_frac=0.1, erasing_prob=0.25)
+    settings = AugmentSettings(rotation_deg=12.0, translate_frac=0.1, erasing_prob=0.25, elastic_px=0.0)
     first = BatchAugment(settings, torch.Generator().manual_seed(7))(images)
     second = BatchAugment(settings, torch.Generator().manual_seed(7))(images)
     third = BatchAugment(settings, torch.Generator().manual_seed(8))(images)
@@ -108,3 +108,37 @@ def test_wrong_shape_is_rejected():
 def test_works_on_uint8_derived_batches_like_the_loop():
     images = torch.from_numpy(np.zeros((3, SIDE, SIDE), np.uint8)).unsqueeze(1).float()
     assert BatchAugment(load_settings().augment)(images).shape == (3, 1, SIDE, SIDE)
+
+
+def test_elastic_distortion_bends_strokes_a_little_and_per_image():
+    images = batch_of(glyph_f(), 64)
+    plain = AugmentSettings(rotation_deg=0.0, translate_frac=0.0, erasing_prob=0.0, elastic_px=0.0)
+    augment = BatchAugment(plain.model_copy(update={"elastic_px": 2.0}), torch.Generator().manual_seed(4))
+    field = augment.random_displacements(64, SIDE, SIDE)
+    pixels = field * (SIDE / 2)  # normalised units back to pixels
+    assert field.shape == (64, SIDE, SIDE, 2)
+    assert 0.3 < pixels.abs().mean().item() < 2.0 and pixels.abs().max().item() <= 2.0 * 1.3
+    # Smooth: neighbouring pixels move alike (a per-pixel random field would differ by up to 4 pixels).
+    assert (pixels[:, 1:] - pixels[:, :-1]).abs().max().item() < 0.8
+    out = augment(images)
+    assert not torch.equal(out, images) and not torch.equal(out[0], out[1])
+    assert out.min().item() >= 0.0 and out.max().item() <= 255.0
+    # Still the same glyph, bent: closer to itself than to any mirror of it (2-pixel strokes, 2-pixel bends).
+    for mirror in (glyph_f().flip(-1), glyph_f().flip(-2)):
+        assert correlation(out, images).mean() > correlation(out, batch_of(mirror, 64)).mean() + 0.2
+    # Ink is bent, stretched or squeezed locally, never cut off (the glyph stays in the frame).
+    mass = out.sum(dim=(1, 2, 3)) / images.sum(dim=(1, 2, 3))
+    assert mass.min().item() > 0.5 and mass.max().item() < 1.5
+    assert out[:, 0, 0].abs().max().item() == 0.0 and out[:, 0, -1].abs().max().item() == 0.0
+
+
+def test_elastic_off_keeps_the_random_stream():
+    """Off (0) draws nothing extra, so runs without it reproduce their earlier augmentation exactly."""
+    settings = AugmentSettings(rotation_deg=12.0, translate_frac=0.1, erasing_prob=0.25, elastic_px=0.0)
+    generator = torch.Generator().manual_seed(9)
+    BatchAugment(settings, generator)(batch_of(glyph_f(), 8))
+    fresh = torch.Generator().manual_seed(9)
+    augment = BatchAugment(settings, fresh)
+    augment.random_matrices(8)
+    augment.random_erase_masks(torch.Size((8, 1, SIDE, SIDE)))
+    assert torch.equal(generator.get_state(), fresh.get_state())
