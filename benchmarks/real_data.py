@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import platform
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -212,6 +213,8 @@ def _arguments() -> argparse.Namespace:
     sides.add_argument("--skip-pipeline", action="store_true",
                        help="only (b): run a seed's two sides in two processes; --summarize pairs them")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "real_data_cpu.json")
+    parser.add_argument("--keep-models", type=Path, default=None, metavar="DIR",
+                        help="copy (a)'s models folder (bundle, ONNX, meta) here, to score it again later")
     parser.add_argument("--summarize", type=Path, nargs="+", metavar="RESULT",
                         help="print the mean over these result files (one a seed) instead of training")
     return parser.parse_args()
@@ -234,6 +237,8 @@ def main() -> None:
         else:
             recipe = pipeline_recipe(args.data, args.epochs, Path(scratch), device.type, [*seeded, *args.changes])
         settings = load_settings(Path(scratch) / "params.yaml")
+        if recipe is not None and args.keep_models is not None:
+            shutil.copytree(settings.path("models"), args.keep_models, dirs_exist_ok=True)
     plain = None
     if not args.skip_plain:
         official_train, official_test = (data.LabeledImages(*_official_split(args.data, prefix, split))
