@@ -126,8 +126,8 @@ def run_recipe(settings: Settings, device: torch.device, budget_s: float, probe_
     runs = [result, refit(settings, result, inputs)] if cfg.refit else [result]
     train_s = time.perf_counter() - started
     test = data.subset_per_class(data.load_test(settings), max_test_per_class, settings.seed)
-    rotations = list(settings.evaluate.tta_rotations_deg) if settings.evaluate.tta else [0.0]
-    probs = evaluate.predict_proba(runs[-1].model, test.images, settings.evaluate.batch_size, device, rotations)
+    model = runs[-1].model.set_views(settings.model.tta_rotations_deg)  # as the train stage exports it
+    logits = evaluate.predict(model, test.images, settings.evaluate.batch_size, device)
     trained_images = sum(len(inputs.train) for _ in result.history) + (
         sum(len(inputs.train) + len(inputs.val) for _ in runs[-1].history) if cfg.refit else 0)
     return {
@@ -139,7 +139,7 @@ def run_recipe(settings: Settings, device: torch.device, budget_s: float, probe_
         "probe_seconds_per_image": per_image_s, "train_seconds": round(train_s, 2),
         "seconds_per_training_image": train_s / trained_images,
         "epoch_seconds": [round(m.seconds, 3) for run in runs for m in run.history],
-        **evaluate.summarize(test.labels, probs.argmax(axis=1), inputs.num_classes),
+        **evaluate.summarize(test.labels, logits.argmax(axis=1), inputs.num_classes),
         "history": _history(result), "refit_history": _history(runs[-1]) if cfg.refit else [],
     }, inputs
 

@@ -3,11 +3,14 @@ It normalises its raw 0..255 input itself, so training, ONNX and the service fee
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from pipeline.config import Settings
-from pipeline.transforms import normalize
+from pipeline.contract import GLYPH_SIDE
+from pipeline.transforms import normalize, rotation_grids, sample_views
 
 IN_CHANNELS = 1
 # Output channels of each 3x3 conv, grouped by the block that a 2x2 max-pool closes.
@@ -36,6 +39,7 @@ class SpinalVGG(nn.Module):
     pixel_mean: torch.Tensor  # buffers, registered in __init__
     pixel_std: torch.Tensor
     temperature: torch.Tensor
+    view_grids: torch.Tensor
 
     def __init__(
         self,
@@ -45,6 +49,7 @@ class SpinalVGG(nn.Module):
         pixel_mean: float = 0.0,
         pixel_std: float = 1.0,
         temperature: float = 1.0,
+        tta_rotations_deg: Sequence[float] = (),
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -60,6 +65,9 @@ class SpinalVGG(nn.Module):
         # Calibration (pipeline.trust): logits are divided by it; 1 while training. Not in the state_dict
         # (a constructor argument in the bundle), so checkpoints and the refit's start weights ignore it.
         self.register_buffer("temperature", torch.tensor(float(temperature)), persistent=False)
+        self.register_buffer("view_grids", torch.zeros(0, GLYPH_SIDE, GLYPH_SIDE, 2), persistent=False)
+        self.tta_rotations_deg: tuple[float, ...] = ()
+        self.set_views(tta_rotations_deg)
 
         blocks, in_channels = [], IN_CHANNELS
         for widths in CONV_BLOCKS:
@@ -79,7 +87,15 @@ class SpinalVGG(nn.Module):
         return self.split_at if index % 2 == 0 else FEATURES - self.split_at
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw pixels (N, 1, 28, 28) in 0..255 -> class logits (N, num_classes)."""
+        """Raw pixels (N, 1, 28, 28) in 0..255 -> class logits (N, num_classes). In eval mode with views set,
+        the logits are averaged over the rotated views (test-time augmentation, in the ONNX graph too)."""
+        views = self.view_grids.shape[0]
+        if views and not self.training:
+            logits = self._logits(sample_views(x, self.view_grids))
+            return logits.unflatten(0, (views, x.shape[0])).mean(0) / self.temperature
+        return self._logits(x) / self.temperature
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = normalize(x, self.pixel_mean, self.pixel_std)
         x = self.features(x).flatten(1)
         a, b = x[:, : self.split_at], x[:, self.split_at :]
@@ -87,7 +103,7 @@ class SpinalVGG(nn.Module):
         for index, layer in enumerate(self.spinal):
             half = a if index % 2 == 0 else b  # A, B, A, B: the input arrives gradually
             outputs.append(layer(torch.cat([half, outputs[-1]], dim=1) if outputs else half))
-        return self.head(torch.cat(outputs, dim=1)) / self.temperature
+        return self.head(torch.cat(outputs, dim=1))
 
     def calibrate(self, temperature: float) -> SpinalVGG:
         """Bake a fitted temperature into the model (PyTorch, then ONNX, give calibrated logits)."""
@@ -96,7 +112,16 @@ class SpinalVGG(nn.Module):
         self.temperature.fill_(float(temperature))
         return self
 
-    def config(self) -> dict[str, float | int]:
+    def set_views(self, rotations_deg: Sequence[float]) -> SpinalVGG:
+        """Average eval-mode logits over these rotations (degrees; empty = the image alone). Averaging logits,
+        not probabilities, keeps the output logits, so the energy score and temperature still apply."""
+        self.tta_rotations_deg = tuple(float(angle) for angle in rotations_deg)
+        grids = (rotation_grids(self.tta_rotations_deg, GLYPH_SIDE) if self.tta_rotations_deg
+                 else torch.zeros(0, GLYPH_SIDE, GLYPH_SIDE, 2))
+        self.view_grids = grids.to(self.temperature.device)
+        return self
+
+    def config(self) -> dict[str, float | int | list[float]]:
         """Plain constructor arguments (for the model bundle and rebuilding the network)."""
         return {
             "num_classes": self.num_classes,
@@ -105,6 +130,7 @@ class SpinalVGG(nn.Module):
             "pixel_mean": float(self.pixel_mean),
             "pixel_std": float(self.pixel_std),
             "temperature": float(self.temperature),
+            "tta_rotations_deg": list(self.tta_rotations_deg),
         }
 
 

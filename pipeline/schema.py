@@ -76,9 +76,25 @@ class DataSettings(_Section):
         return self
 
 
+# Test-time views: each costs the served model one more forward pass; beyond the training rotation a view
+# shows the model glyphs it never saw.
+MAX_TTA_VIEWS = 8
+TTA_MAX_DEG = 30.0
+
+
 class ModelSettings(_Section):
     spinal_width: PositiveInt
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)]
+    tta_rotations_deg: Annotated[list[Annotated[float, Field(ge=-TTA_MAX_DEG, le=TTA_MAX_DEG)]],
+                                 Field(max_length=MAX_TTA_VIEWS)]
+
+    @model_validator(mode="after")
+    def _distinct_views(self) -> ModelSettings:
+        angles = self.tta_rotations_deg
+        if len(set(angles)) != len(angles):
+            raise ValueError(f"model.tta_rotations_deg {angles} lists an angle twice: each view must differ "
+                             "(e.g. [-6.0, 0.0, 6.0]; [] for the image alone)")
+        return self
 
 
 class AugmentSettings(_Section):
@@ -174,14 +190,22 @@ class TuneSettings(_Section):
 
 class EvaluateSettings(_Section):
     batch_size: PositiveInt
-    tta: bool
-    tta_rotations_deg: list[float]
     worst_examples: PositiveInt
     # Fitted by the train stage on validation, reported by evaluate (pipeline.trust): the accuracy the
     # "confident" answers must keep, and the share of real kana allowed to be called "not a kana".
     answered_accuracy: Fraction
     ood_false_alarm: Fraction
 
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tta_moved(cls, values: Any) -> Any:
+        """Test-time views moved into the exported model, so that what is evaluated is what is served."""
+        moved = [key for key in ("tta", "tta_rotations_deg") if isinstance(values, Mapping) and key in values]
+        if moved:
+            raise ConfigError(f"evaluate.{moved[0]} moved: test-time augmentation is now in the exported model "
+                              "(ONNX too); set model.tta_rotations_deg, e.g. [-6.0, 0.0, 6.0] (or [] for none)")
+        return values
 
 class RegistrySettings(_Section):
     model_name: str

@@ -4,6 +4,7 @@ and erasing; never flips or crops (a mirrored or cropped kana is another glyph o
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,30 @@ def affine_warp(images: torch.Tensor, theta: torch.Tensor, displacement: torch.T
     if displacement is not None:
         grid = grid + displacement.to(grid.dtype)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def rotation_matrices(angle_rad: torch.Tensor, tx: torch.Tensor | float = 0.0, ty: torch.Tensor | float = 0.0
+                      ) -> torch.Tensor:
+    """(N, 2, 3) rotation + translation matrices (output -> input coordinates, range [-1, 1])."""
+    cos, sin = torch.cos(angle_rad), torch.sin(angle_rad)
+    tx, ty = torch.as_tensor(tx).expand_as(cos), torch.as_tensor(ty).expand_as(cos)
+    return torch.stack([torch.stack([cos, -sin, tx], dim=1), torch.stack([sin, cos, ty], dim=1)], dim=1)
+
+
+def rotation_grids(degrees: Sequence[float], side: int) -> torch.Tensor:
+    """(V, side, side, 2) sampling grids of a square image rotated by each angle about its centre: the
+    fixed views that test-time augmentation averages (pipeline.model), computed once."""
+    angles = torch.deg2rad(torch.tensor([float(d) for d in degrees], dtype=torch.float32))
+    return F.affine_grid(rotation_matrices(angles), [len(angles), 1, side, side], align_corners=False)
+
+
+def sample_views(images: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+    """(V * N, C, H, W): every image of ``images`` (N, C, H, W) through each of ``grids`` (V, H, W, 2),
+    view-major (all images in view 0, then view 1, ...). Black fill, as ``affine_warp``."""
+    views, count = grids.shape[0], images.shape[0]
+    tiled = grids.to(images.dtype).unsqueeze(1).expand(-1, count, -1, -1, -1).flatten(0, 1)
+    return F.grid_sample(images.repeat(views, 1, 1, 1), tiled, mode="bilinear", padding_mode="zeros",
+                         align_corners=False)
 
 
 class BatchAugment:
@@ -82,10 +107,7 @@ class BatchAugment:
         shift = 2.0 * self.translate_frac
         tx = self._uniform(count, -shift, shift)
         ty = self._uniform(count, -shift, shift)
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        return torch.stack(
-            [torch.stack([cos, -sin, tx], dim=1), torch.stack([sin, cos, ty], dim=1)], dim=1
-        )
+        return rotation_matrices(angle, tx, ty)
 
     def random_displacements(self, count: int, height: int, width: int,
                              device: torch.device | str = "cpu") -> torch.Tensor:

@@ -102,6 +102,7 @@ def model_info(stored: Any, source: str) -> dict[str, Any]:
         "dataset": meta.get("dataset"),
         "metrics": meta.get("metrics", {}),
         "num_classes": meta.get("num_classes"),
+        "tta_rotations_deg": meta.get("tta_rotations_deg", []),
         "created": stored.info.creation_time.isoformat(),
     }
 

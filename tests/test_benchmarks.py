@@ -45,3 +45,28 @@ def test_result_files_summarize_from_the_command_line(tmp_path: Path) -> None:
                           capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
     summary = json.loads(done.stdout)
     assert summary["runs"] == 2 and summary["pipeline_minus_plain_points"] == pytest.approx(0.75)
+
+
+def test_the_side_score_serves_the_kept_weights_through_onnx_with_and_without_views(tmp_path: Path,
+                                                                                     one_torch_thread) -> None:
+    """``served_balanced_accuracy`` scores the ONNX export of the bundle's weights with the views asked for,
+    which is what the PyTorch model with those views predicts (an untrained model: any answer will do)."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import balanced_accuracy_score
+
+    from benchmarks.real_data import served_balanced_accuracy
+    from pipeline.contract import BUNDLE_FILE
+    from pipeline.data import LabeledImages
+    from pipeline.model import SpinalVGG
+    from pipeline.training.bundle import predict_logits, save_bundle
+
+    torch.manual_seed(0)
+    model = SpinalVGG(4, spinal_width=8, pixel_mean=0.2, pixel_std=0.3).eval()
+    save_bundle(tmp_path / BUNDLE_FILE, model, {})
+    rng = np.random.default_rng(0)
+    test = LabeledImages(rng.integers(0, 256, (40, 28, 28)).astype(np.uint8), np.arange(40) % 4)
+    for views in ([], [-20.0, 0.0, 20.0]):
+        expected = balanced_accuracy_score(test.labels,
+                                           predict_logits(model.set_views(views), test.images, 16).argmax(1))
+        assert served_balanced_accuracy(tmp_path, test, views) == pytest.approx(expected)

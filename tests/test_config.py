@@ -143,3 +143,17 @@ def test_missing_or_malformed_file_is_explained(tmp_path):
     bad.write_text("train: [unclosed", encoding="utf-8")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_settings(bad)
+
+
+def test_moved_test_time_augmentation_names_its_new_key(tmp_path):
+    path = _write(tmp_path, lambda p: p["evaluate"].update(tta=True))
+    with pytest.raises(ConfigError, match=r"evaluate\.tta moved.*model\.tta_rotations_deg"):
+        load_settings(path)
+
+
+@pytest.mark.parametrize(("views", "error"), [([0.0, 0.0], "lists an angle twice"), ([45.0], "30"),
+                                               ([float(a) for a in range(9)], "at most 8")])
+def test_bad_test_time_views_are_explained(tmp_path, views, error):
+    path = _write(tmp_path, lambda p: p["model"].update(tta_rotations_deg=views))
+    with pytest.raises(ConfigError, match=rf"model\.tta_rotations_deg.*{error}|{error}"):
+        load_settings(path)

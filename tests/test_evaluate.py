@@ -68,16 +68,6 @@ def test_per_class_recall_and_confusion() -> None:
     assert summary["test_balanced_accuracy"] == pytest.approx((0.5 + 2 / 3) / 2, abs=1e-6)
 
 
-def test_rotation_keeps_shape_and_moves_ink() -> None:
-    images = np.zeros((2, 28, 28), np.uint8)
-    images[:, 4:24, 13:15] = 255  # a vertical bar
-    assert evaluate.rotate_images(images, 0.0) is images
-    turned = evaluate.rotate_images(images, 90.0)
-    assert turned.shape == images.shape and turned.dtype == np.uint8
-    assert turned[:, 13:15, 4:24].mean() > 200  # now horizontal
-    assert turned[:, 4:10, 13:15].max() == 0  # the top of the vertical bar is gone
-
-
 def test_worst_errors_order_by_confidence() -> None:
     y_true = np.array([0, 1, 2, 0])
     probs = np.array([[0.9, 0.1, 0.0], [0.6, 0.4, 0.0], [0.05, 0.95, 0.0], [0.2, 0.7, 0.1]])
@@ -122,12 +112,13 @@ def test_evaluate_stage_end_to_end(
     monkeypatch.delenv(tracking.TRACKING_URI_ENV, raising=False)
     settings = make_settings({
         "data.dataset": "synthetic", "data.synthetic.train_per_class": 1, "data.synthetic.test_per_class": 2,
-        "evaluate.tta": True, "evaluate.worst_examples": 10, "train.device": "cpu",
+        "model.tta_rotations_deg": [-6.0, 0.0, 6.0], "evaluate.worst_examples": 10, "train.device": "cpu",
     })
     download.run(settings)
     classmap = data.load_classmap(settings.path("raw") / "k49_classmap.csv")
     torch.manual_seed(0)
-    model = SpinalVGG(len(classmap), spinal_width=8, dropout=0.5, pixel_mean=0.2, pixel_std=0.3).calibrate(2.0)
+    model = SpinalVGG(len(classmap), spinal_width=8, dropout=0.5, pixel_mean=0.2, pixel_std=0.3,
+                      tta_rotations_deg=settings.model.tta_rotations_deg).calibrate(2.0)
     models = settings.path("models")
     trust = {"temperature": 2.0, "confidence_threshold": 0.5, "ood_threshold": 1.0}
     save_bundle(models / BUNDLE_FILE, model, {"classes": list(classmap.chars), "trust": trust})
@@ -141,7 +132,7 @@ def test_evaluate_stage_end_to_end(
     reports = settings.path("reports")
     metrics = json.loads((reports / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["n_test"] == len(test) == 2 * len(classmap)
-    assert metrics["tta_views"] == len(settings.evaluate.tta_rotations_deg)
+    assert metrics["tta_views"] == len(settings.model.tta_rotations_deg)  # the bundle's views were scored
     assert 0.0 <= metrics["test_balanced_accuracy"] <= 1.0
     assert result["test_accuracy"] == metrics["test_accuracy"]
     predictions = pd.read_csv(reports / "eval" / "predictions.csv")

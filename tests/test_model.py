@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -36,7 +38,7 @@ def test_build_model_reads_settings_and_outputs_logits_per_class(make_settings):
     assert count_parameters(model) == K49_PARAMETERS
     assert model.config() == {"num_classes": 49, "spinal_width": 128, "dropout": 0.3,
                               "pixel_mean": pytest.approx(0.2), "pixel_std": pytest.approx(0.35),
-                              "temperature": 1.0}
+                              "temperature": 1.0, "tta_rotations_deg": []}
     with torch.no_grad():
         assert model(raw_batch(3)).shape == (3, 49)
 
@@ -110,3 +112,40 @@ def test_a_baked_temperature_divides_the_logits_in_pytorch_onnx_and_the_bundle(t
     np.testing.assert_allclose(onnx_logits, raw.numpy() / 2.5, atol=1e-4)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         model.calibrate(0.0)
+
+
+def test_test_time_views_average_rotated_logits_in_pytorch_the_bundle_and_onnx(tmp_path):
+    """TTA lives in the model: eval logits are the mean over rotated views (torchvision's rotation of each
+    image), the bundle keeps the views, the ONNX graph computes the same, and training ignores them."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    from pipeline.contract import onnx_session
+    from pipeline.export import export_onnx
+    from pipeline.training.bundle import load_bundle, save_bundle
+
+    torch.manual_seed(0)
+    model = SpinalVGG(10, spinal_width=16).eval().calibrate(2.0)
+    x = raw_batch(3)
+    angles = [-6.0, 0.0, 6.0]
+    with torch.no_grad():
+        alone = model(x)
+        expected = sum(model(F.rotate(x, a, interpolation=InterpolationMode.BILINEAR)) for a in angles) / 3
+        model.set_views(angles)
+        averaged = model(x)
+        torch.testing.assert_close(averaged, expected, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(averaged, alone)
+        plain, viewed = copy.deepcopy(model).set_views([]).train(), copy.deepcopy(model).train()
+        torch.manual_seed(1)
+        trained_plain = plain(x)
+        torch.manual_seed(1)  # the same dropout masks
+        torch.testing.assert_close(viewed(x), trained_plain)  # training sees the batch as it is
+        assert model.set_views([0.0]) is model
+        torch.testing.assert_close(model(x), alone, atol=1e-5, rtol=1e-4)  # one unrotated view = no TTA
+    model.set_views(angles)
+    loaded, meta = load_bundle(save_bundle(tmp_path / "model.pt", model, {}))
+    assert loaded.tta_rotations_deg == tuple(angles) and meta["model"]["tta_rotations_deg"] == angles
+    path = export_onnx(loaded, tmp_path / "model.onnx", x.numpy())  # verified against PyTorch inside
+    (onnx_logits,) = onnx_session(path).run(["logits"], {"images": x[:1].numpy()})
+    np.testing.assert_allclose(onnx_logits, averaged[:1].numpy(), atol=1e-4)
+    assert "view_grids" not in model.state_dict()  # checkpoints and the refit's start weights ignore them

@@ -198,6 +198,7 @@ def test_ops_endpoints(server):
     info = version.json()
     assert info["registry_version"] == "7" and info["bento_model"] == server["tag"]
     assert info["num_classes"] == TRAIN_CLASSES and info["dataset"] == "synthetic"
+    assert info["tta_rotations_deg"] == []  # the views the served graph averages: this tiny model has none
     client.post("/predict", files={"image": ("a.png", _png("え"), "image/png")})
     metrics = client.get("/metrics")
     assert metrics.status_code == 200

@@ -95,7 +95,7 @@ def test_successful_run_is_tagged_and_finished(settings: Settings) -> None:
     if tracking.git_commit(PROJECT_ROOT):
         assert len(run.data.tags[tracking.TAG_GIT_COMMIT]) == 40
     assert run.data.params["train.epochs"] == str(settings.train.epochs)
-    assert run.data.params["evaluate.tta_rotations_deg"] == json.dumps(settings.evaluate.tta_rotations_deg)
+    assert run.data.params["model.tta_rotations_deg"] == json.dumps(settings.model.tta_rotations_deg)  # a list
     history = client(settings).get_metric_history(active.info.run_id, "val_loss")
     assert [(m.step, m.value) for m in history] == [(1, 0.75), (2, 0.5)]
 

@@ -327,7 +327,7 @@ def test_train_stage_writes_outputs_and_tracks_the_run(make_settings, monkeypatc
         "data.dataset": "synthetic", "data.val_fraction": 0.2, "data.synthetic.train_per_class": 10,
         "data.synthetic.test_per_class": 2, "train.epochs": 2, "train.batch_size": 64,
         "train.max_train_per_class": 4, "train.max_val_per_class": 1, "train.device": "cpu",
-        "model.spinal_width": 16,
+        "model.spinal_width": 16, "model.tta_rotations_deg": [-4.0, 0.0, 4.0],
     })
     download.run(settings)
     prepare.run(settings)
@@ -350,6 +350,8 @@ def test_train_stage_writes_outputs_and_tracks_the_run(make_settings, monkeypatc
     assert len(history) == 3
     model, meta = load_bundle(models / "model.pt")
     assert meta["classes"][0] == "あ" and meta["model"]["num_classes"] == 49
+    # The test-time views are in the exported model (bundle and ONNX alike), and meta.json says so.
+    assert model.tta_rotations_deg == (-4.0, 0.0, 4.0) == tuple(meta["tta_rotations_deg"])
     # Calibration fitted on the validated model's validation logits, baked into the exported model.
     trust = json.loads((models / "meta.json").read_text())["trust"]
     assert trust == meta["trust"] and trust["val_images"] == 49 * 1

@@ -96,42 +96,19 @@ def summarize(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[
 # ---------------------------------------------------------------------------------------- prediction
 
 
-def rotate_images(images: np.ndarray, degrees: float) -> np.ndarray:
-    """uint8 (N, 28, 28) rotated by ``degrees`` about the centre (bilinear; black fill = background)."""
-    if degrees == 0:
-        return images
-    import torch
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
-
-    batch = torch.from_numpy(np.ascontiguousarray(images))[:, None]
-    rotated = F.rotate(batch, float(degrees), interpolation=InterpolationMode.BILINEAR, fill=[0.0])
-    return rotated[:, 0].numpy()
-
-
-def predict_proba(model: Any, images: np.ndarray, batch_size: int, device: Any,
-                  rotations_deg: Sequence[float] = (0.0,)) -> np.ndarray:
-    """Class probabilities (N, C), averaged over one view per rotation (test-time augmentation)."""
+def predict(model: Any, images: np.ndarray, batch_size: int, device: Any) -> np.ndarray:
+    """The model's logits (N, C), batch by batch for the bar (on a terminal; quiet in CI logs): K49's test
+    set is minutes on a CPU, and each test-time view adds as much again."""
     from pipeline.training.bundle import predict_logits
 
-    if not rotations_deg:
-        raise EvaluationError("evaluate.tta_rotations_deg is empty: list at least one angle (e.g. [0.0])")
     starts = range(0, len(images), batch_size)
-    total: np.ndarray | None = None
-    # Batch by batch only for the bar (on a terminal; quiet in CI logs): K49's test set is minutes on a CPU.
-    with tqdm(total=len(rotations_deg) * len(starts), desc="evaluate", unit="batch", leave=False,
+    parts = []
+    with tqdm(total=len(starts), desc="evaluate", unit="batch", leave=False,
               disable=not sys.stderr.isatty()) as bar:
-        for degrees in rotations_deg:
-            rotated = rotate_images(images, degrees)
-            parts = []
-            for start in starts:
-                parts.append(predict_logits(model, rotated[start:start + batch_size], batch_size, device))
-                bar.update()
-            logits = np.concatenate(parts) if parts else predict_logits(model, rotated, batch_size, device)
-            probs = softmax(logits)
-            total = probs if total is None else total + probs
-    assert total is not None
-    return total / len(rotations_deg)
+        for start in starts:
+            parts.append(predict_logits(model, images[start:start + batch_size], batch_size, device))
+            bar.update()
+    return np.concatenate(parts) if parts else predict_logits(model, images, batch_size, device)
 
 
 # ------------------------------------------------------------------------------------------- figures
@@ -214,7 +191,7 @@ def plot_worst_errors(images: np.ndarray, y_true: np.ndarray, probs: np.ndarray,
 def run(settings: Settings) -> dict[str, Any]:
     """Evaluate stage: predict the test split, write metrics/reports/figures, log them to the train run."""
     from pipeline import data, tracking
-    from pipeline.training.bundle import load_bundle, predict_logits, select_device
+    from pipeline.training.bundle import load_bundle, select_device
 
     models = settings.path("models")
     model, meta = load_bundle(models / BUNDLE_FILE)
@@ -235,14 +212,14 @@ def run(settings: Settings) -> dict[str, Any]:
         )
 
     cfg = settings.evaluate
-    rotations = list(cfg.tta_rotations_deg) if cfg.tta else [0.0]
     device = select_device(settings.train.device)
-    logits = predict_logits(model, test.images, cfg.batch_size, device)  # calibrated: T is in the model
-    probs = predict_proba(model, test.images, cfg.batch_size, device, rotations) if cfg.tta else softmax(logits)
+    # The served function: temperature and any test-time views (model.tta_rotations_deg) are in the model.
+    logits = predict(model, test.images, cfg.batch_size, device)
+    probs = softmax(logits)
     y_true, y_pred = test.labels, probs.argmax(axis=1)
 
     summary = summarize(y_true, y_pred, num_classes)
-    summary["tta_views"] = len(rotations)
+    summary["tta_views"] = max(1, len(model.tta_rotations_deg))
     trust = Trust.from_meta(meta)
     summary.update(_trust_metrics(settings, model, device, logits, y_true, trust))
     recall, support = per_class_recall(y_true, y_pred, num_classes)

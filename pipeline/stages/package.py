@@ -103,6 +103,8 @@ def store_model(
         "registry_version": registry_version,
         "dataset": dataset,
         "num_classes": _count_rows(sources["classmap.csv"]),
+        # Views the graph averages (model.tta_rotations_deg): each costs one more forward pass per image.
+        "tta_rotations_deg": [float(angle) for angle in meta.get("tta_rotations_deg", [])],
         "metrics": {key: float(value) for key, value in metrics.items()},
         "run_id": run,
     }

@@ -80,11 +80,14 @@ def run(settings: Settings) -> dict[str, Any]:
             tracking.log_dataset(settings, {"train": len(inputs.train), "val": len(inputs.val)})
         result = fit(settings, inputs.train, inputs.val, inputs.num_classes, inputs.pixel_mean,
                      inputs.pixel_std, callbacks=[_log_epoch("")], checkpoint_path=checkpoint)
-        trust = _fit_trust(settings, result.model, inputs)  # before the refit sees the validation images
+        # Views first: the temperature and thresholds are fitted on the logits that will be served.
+        views = settings.model.tta_rotations_deg
+        trust = _fit_trust(settings, result.model.set_views(views), inputs)  # before the refit sees val
         runs = [result]  # the validated run, then the refit when there is one: the last is exported
         if settings.train.refit:
             runs.append(refit(settings, result, inputs, callbacks=[_log_epoch("refit_")],
                               checkpoint_path=settings.path("checkpoints") / REFIT_CHECKPOINT_FILE))
+            runs[-1].model.set_views(views)
         summary = _summary(settings, inputs, runs)
         meta = _meta(settings, inputs, result, active.info.run_id)
         if trust is not None:
@@ -166,6 +169,7 @@ def _meta(settings: Settings, inputs: TrainingInputs, result: TrainResult, run_i
         "pixel_std": inputs.pixel_std,
         "best_val_balanced_accuracy": result.best.val_balanced_accuracy,
         "refit": settings.train.refit,
+        "tta_rotations_deg": list(settings.model.tta_rotations_deg),  # averaged inside the ONNX graph
         "run_id": run_id,
     }
 
