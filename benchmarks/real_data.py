@@ -49,16 +49,16 @@ DEFAULT_EPOCHS = 12
 PLAIN_BATCH = 64
 PLAIN_MAX_LR = 3e-3
 PLAIN_SEED = 0
-# The test-time views the side score tries when the recipe has none of its own (model.tta_rotations_deg).
-DEFAULT_TTA_ROTATIONS = [-6.0, 0.0, 6.0]
+# The side score's test-time views: none, so that the recipe's own (model.tta_rotations_deg) pair against one view.
+DEFAULT_SIDE_ROTATIONS: list[float] = []
 SCORE_BATCH = 1024
 
 
 def pipeline_recipe(data_dir: Path, epochs: int, work: Path, device: str, changes: list[str],
-                    tta_rotations: list[float]) -> dict[str, Any]:
+                    side_rotations: list[float]) -> dict[str, Any]:
     """The real stages on the ``full`` profile with tuning off and ``epochs`` epochs (plus Hydra ``changes``,
-    e.g. ``train.lr=0.05``, to compare a recipe change side by side); the model is also scored served with
-    ``tta_rotations`` as its test-time views."""
+    e.g. ``train.lr=0.05``, to compare a recipe change side by side); the same model is also scored served
+    with ``side_rotations`` as its test-time views, which pairs a change of views exactly."""
     from pipeline.stages import download, evaluate, prepare, train, tune  # not imported by plain_loop's users
 
     settings = load_settings(write_params(work / "params.yaml", [
@@ -74,9 +74,10 @@ def pipeline_recipe(data_dir: Path, epochs: int, work: Path, device: str, change
         "test_balanced_accuracy": metrics["test_balanced_accuracy"],
         "test_accuracy": metrics["test_accuracy"],
         "tta_views": metrics["tta_views"],
-        "tta_rotations_deg": tta_rotations,
-        "test_balanced_accuracy_tta": served_balanced_accuracy(settings.path("models"), data.load_test(settings),
-                                                               tta_rotations),
+        "tta_rotations_deg": settings.model.tta_rotations_deg,
+        "side_rotations_deg": side_rotations,
+        "test_balanced_accuracy_side": served_balanced_accuracy(settings.path("models"), data.load_test(settings),
+                                                                side_rotations),
         "best_epoch": trained["best_epoch"],
         "best_val_balanced_accuracy": trained["best_val_balanced_accuracy"],
         "epochs_run": trained["epochs_run"],
@@ -89,28 +90,31 @@ def pipeline_recipe(data_dir: Path, epochs: int, work: Path, device: str, change
     }
 
 
-def served_balanced_accuracy(models_dir: Path, test: data.LabeledImages, rotations_deg: list[float]) -> float:
-    """Test balanced accuracy of the exported weights with ``rotations_deg`` as test-time views, exported to
-    ONNX (verified against PyTorch) and run by ONNX Runtime: TTA as it would be served, on the same model."""
+def served_balanced_accuracy(models_dir: Path, test: data.LabeledImages,
+                             rotations_deg: list[float] | None = None) -> float:
+    """Test balanced accuracy of the exported weights with ``rotations_deg`` as test-time views (None: the
+    bundle's own), exported to ONNX (verified against PyTorch) and run by ONNX Runtime: as it would be served."""
     from pipeline.contract import BUNDLE_FILE, ONNX_FILE, ONNX_INPUT, ONNX_OUTPUT, onnx_session
     from pipeline.export import export_onnx
     from pipeline.training.bundle import load_bundle
 
     model, _ = load_bundle(models_dir / BUNDLE_FILE)
+    if rotations_deg is not None:
+        model.set_views(rotations_deg)
     pixels = test.images.astype(np.float32)[:, None]
     with tempfile.TemporaryDirectory(prefix="tta-") as folder:
-        session = onnx_session(export_onnx(model.set_views(rotations_deg), Path(folder) / ONNX_FILE, pixels[:8]))
+        session = onnx_session(export_onnx(model, Path(folder) / ONNX_FILE, pixels[:8]))
         logits = [session.run([ONNX_OUTPUT], {ONNX_INPUT: pixels[start:start + SCORE_BATCH]})[0]
                   for start in range(0, len(pixels), SCORE_BATCH)]
     return float(balanced_accuracy_score(test.labels, np.concatenate(logits).argmax(axis=1)))
 
 
 def rescore(models_dirs: list[Path], data_dir: Path, rotations_deg: list[float]) -> dict[str, Any]:
-    """Each kept models folder (``--keep-models``) served with no views and with ``rotations_deg``."""
+    """Each kept models folder (``--keep-models``) served with its own views and with ``rotations_deg``."""
     test = data.LabeledImages(*_official_split(data_dir, data.local_prefix(data_dir, None), "test"))
-    return {str(folder): {"test_balanced_accuracy_onnx": served_balanced_accuracy(folder, test, []),
-                          "test_balanced_accuracy_tta_onnx": served_balanced_accuracy(folder, test, rotations_deg),
-                          "tta_rotations_deg": rotations_deg} for folder in models_dirs}
+    return {str(folder): {"test_balanced_accuracy_onnx": served_balanced_accuracy(folder, test),
+                          "test_balanced_accuracy_side_onnx": served_balanced_accuracy(folder, test, rotations_deg),
+                          "side_rotations_deg": rotations_deg} for folder in models_dirs}
 
 
 def _official_split(data_dir: Path, prefix: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -236,8 +240,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--rescore", type=Path, nargs="+", metavar="MODELS_DIR",
                         help="score kept models folders on --data's test split, served without and with "
                              "--tta-rotations, instead of training")
-    parser.add_argument("--tta-rotations", type=float, nargs="+", default=DEFAULT_TTA_ROTATIONS, metavar="DEG",
-                        help="test-time views of the side score (default: %(default)s)")
+    parser.add_argument("--side-rotations", type=float, nargs="*", default=DEFAULT_SIDE_ROTATIONS, metavar="DEG",
+                        help="test-time views of the side score and of --rescore (default: none, one view)")
     return parser.parse_args()
 
 
@@ -248,7 +252,7 @@ def main() -> None:
                          indent=2))
         return
     if args.rescore:
-        print(json.dumps(rescore(args.rescore, args.data, args.tta_rotations), indent=2))
+        print(json.dumps(rescore(args.rescore, args.data, args.side_rotations), indent=2))
         return
     commit = _commit()  # now: the code this run imports, before anyone edits the tree during the run
     device = select_device(args.device)
@@ -260,7 +264,7 @@ def main() -> None:
             write_params(Path(scratch) / "params.yaml", ["profile=full", *seeded, *args.changes])
         else:
             recipe = pipeline_recipe(args.data, args.epochs, Path(scratch), device.type, [*seeded, *args.changes],
-                                     args.tta_rotations)
+                                     args.side_rotations)
         settings = load_settings(Path(scratch) / "params.yaml")
         if recipe is not None and args.keep_models is not None:
             shutil.copytree(settings.path("models"), args.keep_models, dirs_exist_ok=True)

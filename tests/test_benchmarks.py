@@ -70,3 +70,5 @@ def test_the_side_score_serves_the_kept_weights_through_onnx_with_and_without_vi
         expected = balanced_accuracy_score(test.labels,
                                            predict_logits(model.set_views(views), test.images, 16).argmax(1))
         assert served_balanced_accuracy(tmp_path, test, views) == pytest.approx(expected)
+    save_bundle(tmp_path / BUNDLE_FILE, model.set_views([-20.0, 0.0, 20.0]), {})  # None: the bundle's own views
+    assert served_balanced_accuracy(tmp_path, test) == pytest.approx(expected)
