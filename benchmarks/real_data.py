@@ -238,8 +238,8 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--summarize", type=Path, nargs="+", metavar="RESULT",
                         help="print the mean over these result files (one a seed) instead of training")
     parser.add_argument("--rescore", type=Path, nargs="+", metavar="MODELS_DIR",
-                        help="score kept models folders on --data's test split, served without and with "
-                             "--tta-rotations, instead of training")
+                        help="score kept models folders on --data's test split, served with their own views and with "
+                             "--side-rotations, instead of training")
     parser.add_argument("--side-rotations", type=float, nargs="*", default=DEFAULT_SIDE_ROTATIONS, metavar="DEG",
                         help="test-time views of the side score and of --rescore (default: none, one view)")
     return parser.parse_args()
