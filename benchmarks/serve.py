@@ -151,8 +151,15 @@ def raw_engine(onnx_path: Path, threads: int) -> dict[str, Any]:
     }
 
 
+def require_wrk() -> None:
+    """Fail now, with what to do, rather than in a load thread whose error would surface as a missing key."""
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk not found: apt-get install -y wrk (Debian package), then run again")
+
+
 def wrk(url: str, body_file: Path, connections: int, seconds: float) -> dict[str, Any]:
     """One wrk run (one thread: the load generator shares the server's cores and should take little)."""
+    require_wrk()
     command = [
         "wrk",
         "-t1",
@@ -254,8 +261,7 @@ def seed_style(work: Path, weights: Path, threads: int) -> AbstractContextManage
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk not found: apt-get install -y wrk (Debian package), then run again")
+    require_wrk()
     serve = load_settings().serve
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     weights = build_model(work)

@@ -28,7 +28,16 @@ from typing import Any
 import httpx
 import psutil
 
-from benchmarks.serve import _cpu_model, build_model, glyph_png, multipart_body, service, write_params, wrk
+from benchmarks.serve import (
+    _cpu_model,
+    build_model,
+    glyph_png,
+    multipart_body,
+    require_wrk,
+    service,
+    write_params,
+    wrk,
+)
 from pipeline.config import load_settings
 from tests.served_model import store_bundle
 
@@ -54,6 +63,7 @@ def served_versions(client: httpx.Client) -> dict[str, int]:
 def swap_under_load(url: str, body: Path, connections: int, seconds: float, version: str,
                     workers: int) -> dict[str, Any]:
     """One wrk window with a reload a third of the way in; the reload's timings ride along."""
+    require_wrk()
     load: dict[str, Any] = {}
     generator = threading.Thread(target=lambda: load.update(wrk(f"{url}/predict", body, connections, seconds)))
     generator.start()

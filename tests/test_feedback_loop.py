@@ -17,7 +17,7 @@ import httpx
 import mlflow
 import numpy as np
 
-from benchmarks.serve import multipart_body, service
+from benchmarks.serve import multipart_body, require_wrk, service
 from benchmarks.swap import TOKEN, swap_under_load
 from pipeline.contract import FEEDBACK_ITEMS_PARAM, FEEDBACK_MANIFEST
 from pipeline.data import read_npz_array
@@ -77,6 +77,7 @@ def _assert_exactly_the_accepted_were_trained_on(project: Path, accepted: list[i
 
 def test_corrections_sent_to_the_service_train_the_model_that_then_serves(prefect_api: str,
                                                                          tmp_path: Path) -> None:
+    require_wrk()  # its last step puts wrk's load on the service: say so now, not after ten minutes
     pool = split_train_set(KMNIST_DEV, tmp_path / "data", CHAMPION_PER_CLASS, FEEDBACK_PER_CLASS)
     project = copy_project(tmp_path / "project", {
         **RECIPE, "data.dataset": "local", "data.local_dir": str(tmp_path / "data"), "feedback.min_new": 200,

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from benchmarks.serve import multipart_body, wrk
+from benchmarks.serve import multipart_body, require_wrk, wrk
 from tests import bad_inputs
 from tests.served_model import REGISTRY_VERSION, serve_tiny_model, store_bundle
 
@@ -74,6 +74,7 @@ def test_a_new_champion_is_swapped_in_under_load_without_an_error(swappable: dic
     body = tmp_path / "body"
     body.write_bytes(multipart_body("image", [bad_inputs.scan_png("あ")]))
     load: dict[str, Any] = {}
+    require_wrk()
     generator = threading.Thread(target=lambda: load.update(wrk(f"{swappable['url']}/predict", body, 8, 4)))
     generator.start()
     time.sleep(1.5)
