@@ -3,7 +3,7 @@ PyTorch called per request (no batching, inference on the event loop), Pillow re
 
 Run: ``KUZUSHIJI_BASELINE_WEIGHTS=state.pt KUZUSHIJI_BASELINE_CLASSES=49 uvicorn
 benchmarks.fastapi_baseline:app --host 127.0.0.1 --port 8000``. Serves the same SpinalVGG weights as
-the BentoML service's ONNX file (benchmarks/serve.py exports both from one model).
+the BentoML service's ONNX file (benchmarks/load.py exports both from one model).
 """
 
 from __future__ import annotations

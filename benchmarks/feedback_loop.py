@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import psutil
 
-from benchmarks.serve import _cpu_model, multipart_body, service, wrk
+from benchmarks.load import cpu_model, multipart_body, service, wrk
 from benchmarks.swap import TOKEN, busy_processes, swap_under_load
 from pipeline.config import PROJECT_ROOT
 from tests.loop_support import png, run_retrain, send_corrections, split_train_set
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "after": {k: after[k] for k in ("version", "decision", "reason", "metrics")},
         "phases_s": phases, "loop_s": round(sum(v for k, v in phases.items() if not k.startswith("champion")), 1),
         "windows": windows, "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "machine": {"cpu": _cpu_model(), "logical_cores": os.cpu_count(), "service_workers": workers,
+        "machine": {"cpu": cpu_model(), "logical_cores": os.cpu_count(), "service_workers": workers,
                     "profile": "cpu", "epochs": args.epochs, "tune_trials": args.trials, "data": str(args.data),
                     "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")},
     })

@@ -29,7 +29,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks.serve import BOUNDARY, _cpu_model, build_model, glyph_png, lean_anchor, multipart_body, wrk
+from benchmarks.load import BOUNDARY, build_model, cpu_model, glyph_png, lean_anchor, multipart_body, wrk
 from pipeline.config import load_settings
 from pipeline.contract import CLASSMAP_FILE, META_FILE, ONNX_FILE
 from tests import bad_inputs
@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results["speed_c32"]["baseline_rev"] = args.baseline_rev
                 print(json.dumps(results["speed_c32"]), flush=True)
     results["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    results["machine"] = {"cpu": _cpu_model(), "logical_cores": os.cpu_count(), "service_workers": psutil.cpu_count(),
+    results["machine"] = {"cpu": cpu_model(), "logical_cores": os.cpu_count(), "service_workers": psutil.cpu_count(),
                           "load_generator": "wrk, 1 thread a process, on the same cores as the servers",
                           "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
     burst_point = results["memory_burst"]

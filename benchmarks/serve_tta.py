@@ -4,7 +4,7 @@
 
 One random-weight SpinalVGG (49 classes) exported twice, without views and with them (the views are in the
 ONNX graph, as the train stage exports them); each stored in its own BentoML store and served by ``bentoml
-serve service:Kuzushiji``. Measured back to back at each load point with ``wrk`` (benchmarks/serve.py's
+serve service:Kuzushiji``. Measured back to back at each load point with ``wrk`` (benchmarks/load.py's
 helpers): raw ONNX Runtime, ``predict`` at 1 and 32 connections, ``predict_batch`` of 32 images.
 """
 
@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.serve import (
+from benchmarks.load import (
     BATCH_CONNECTIONS,
     BATCH_REQUEST_IMAGES,
     NUM_CLASSES,
     WARMUP_SECONDS,
-    _cpu_model,
+    cpu_model,
     glyph_png,
     multipart_body,
     raw_engine,
@@ -93,7 +93,7 @@ def run(rotations: list[float], seconds: float) -> dict[str, Any]:
     tta, one = points["tta"], points["one_view"]
     results["tta_vs_one_view"] = {key: round(tta[key]["requests_s"] / one[key]["requests_s"], 3) for key in tta}
     results["load_average_after"] = list(os.getloadavg())
-    results["machine"] = {"cpu": _cpu_model(), "logical_cores": os.cpu_count(),
+    results["machine"] = {"cpu": cpu_model(), "logical_cores": os.cpu_count(),
                           "load_generator": "wrk, 1 thread, on the same cores as the servers"}
     return results
 

@@ -28,9 +28,9 @@ from typing import Any
 import httpx
 import psutil
 
-from benchmarks.serve import (
-    _cpu_model,
+from benchmarks.load import (
     build_model,
+    cpu_model,
     glyph_png,
     multipart_body,
     require_wrk,
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "look_costs": look_costs(work, serve.bento_model),
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "machine": {
-            "cpu": _cpu_model(), "logical_cores": os.cpu_count(), "service_workers": workers,
+            "cpu": cpu_model(), "logical_cores": os.cpu_count(), "service_workers": workers,
             "serve_threads": serve.threads, "reload_follow_s": serve.reload_follow_s,
             "connections": args.connections, "window_seconds": args.seconds,
             "load_generator": "wrk, 1 thread, on the same cores as the server; everything under nice -n 19",

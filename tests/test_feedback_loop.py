@@ -17,7 +17,7 @@ import httpx
 import mlflow
 import numpy as np
 
-from benchmarks.serve import multipart_body, require_wrk, service
+from benchmarks.load import multipart_body, require_wrk, service
 from benchmarks.swap import TOKEN, swap_under_load
 from pipeline.contract import FEEDBACK_ITEMS_PARAM, FEEDBACK_MANIFEST
 from pipeline.data import read_npz_array

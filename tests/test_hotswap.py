@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from benchmarks.serve import multipart_body, require_wrk, wrk
+from benchmarks.load import multipart_body, require_wrk, wrk
 from tests import bad_inputs
 from tests.served_model import REGISTRY_VERSION, serve_tiny_model, store_bundle
 
