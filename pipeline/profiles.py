@@ -19,10 +19,12 @@ SMOKE_PROFILE = "quick"
 SMOKE_DATASET = "synthetic"
 NVIDIA_SMI_TIMEOUT_S = 20
 # Training images per second per CPU core, on the careful side, for the bf16 + channels-last step that
-# CPUs with native bf16 run (benchmarks/TRAIN.md: the cpu profile's batch 64 trained 262-276 images/s on 2
-# quiet cores in `make run` on kmnist-60k, 131-138 a core). A busy machine is slower; a wrong guess only
-# changes how strongly the warning reads.
+# CPUs with native bf16 run (benchmarks/TRAIN.md: the cpu profile's batch 64 in `make run` on kmnist-60k,
+# 2 quiet cores: 131-138 a core on an AMD EPYC with AVX-512 BF16, 281-308 a core on an Intel Xeon whose AMX
+# tiles run the bf16 convolutions). A busy machine is slower; a wrong guess only changes how strongly the
+# warning reads, and every epoch line says how long the rest takes.
 CPU_IMAGES_PER_S_PER_CORE = 125.0
+AMX_IMAGES_PER_S_PER_CORE = 250.0
 # A validation image costs a forward pass only, about a third of a training step.
 VALIDATION_COST = 1 / 3
 STATS_FILE = "stats.json"  # the prepare stage's per-class counts (docs/ARCHITECTURE.md)
@@ -92,7 +94,15 @@ def estimated_cpu_seconds(stage: str, settings: Any, train_counts: Sequence[int]
     images = epochs * (trained + VALIDATION_COST * validated)
     if stage == "train" and cfg.refit:  # then the refit on train + validation (refit_epochs_fraction of that)
         images += cfg.refit_epochs(epochs) * (trained + validated)
-    return images / (CPU_IMAGES_PER_S_PER_CORE * max(cores, 1))
+    return images / (cpu_images_per_s_per_core(settings.train.amp) * max(cores, 1))
+
+
+def cpu_images_per_s_per_core(amp: bool) -> float:
+    """The estimate's rate: AMX only speeds up the bf16 step (``train.amp``), about 2.2x (benchmarks/TRAIN.md)."""
+    import torch
+
+    amx = amp and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return AMX_IMAGES_PER_S_PER_CORE if amx else CPU_IMAGES_PER_S_PER_CORE
 
 
 def readable_duration(seconds: float) -> str:
@@ -133,7 +143,7 @@ def cpu_time_note(stage: str, settings: Any) -> str | None:
         return None  # no prepared data yet: the stage itself will say what is missing
     cores = _cores()
     seconds = estimated_cpu_seconds(stage, settings, train_counts, val_counts, cores)
-    rate = CPU_IMAGES_PER_S_PER_CORE * cores
+    rate = cpu_images_per_s_per_core(settings.train.amp) * cores
     note = (f"{stage} on the CPU: up to about {readable_duration(seconds)} for profile {settings.profile} "
             f"(at ~{rate:.0f} training images/s on {cores} core(s); early stopping or pruning end sooner)")
     if settings.profile == GPU_PROFILE:
@@ -176,9 +186,10 @@ def run_time_note(settings: Any) -> str | None:
     cores = _cores()
     tune = estimated_cpu_seconds("tune", settings, train, val, cores) if settings.tune.n_trials else 0.0
     fit = estimated_cpu_seconds("train", settings, train, val, cores)
+    rate = cpu_images_per_s_per_core(settings.train.amp) * cores
     return (f"this run trains on the CPU: up to about {readable_duration(tune + fit)} for tune "
             f"({readable_duration(tune) if tune else 'off'}) and train ({readable_duration(fit)}), profile "
-            f"{settings.profile}, {sum(counts):,} train images, at ~{CPU_IMAGES_PER_S_PER_CORE * cores:.0f} "
+            f"{settings.profile}, {sum(counts):,} train images, at ~{rate:.0f} "
             f"training images/s on {cores} core(s); downloading, evaluation and packaging add minutes")
 
 
